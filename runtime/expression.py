@@ -1,0 +1,146 @@
+"""One entry point for every input format: cells aligned to a model's genes, in blocks.
+
+    source = ExpressionFile("pbmc.h5ad", model_genes, ReadOptions())
+    for cell_ids, x in source.blocks(normalise=True):   # x: float32 [cells, model genes]
+        ...
+
+Training and the runtime both read through here, so they see identical numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .genes import GeneAlignment, align_genes, aligned_dense, looks_like_ensembl, to_symbols
+from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile
+from .normalize import check_values, detect_input_kind, lognorm
+from .text_matrix import TextMatrix, is_text_matrix
+
+
+@dataclass
+class ReadOptions:
+    matrix: str = "auto"  # h5ad: auto, X, layers/counts or raw/X (auto: raw counts where the file has them)
+    gene_column: str | None = None  # a var column of symbols or Ensembl IDs; None: the var index
+    input_kind: str = "auto"  # auto, counts or lognorm (log1p of counts per 1e4)
+    genes_as_rows: bool = False  # text files with one gene per line
+    min_genes: int | None = None  # None: SCimilarity's 5,000 of 28,231, scaled to the model's size
+    csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES
+    block_size: int = 1024
+
+
+def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:
+    if is_text_matrix(path):
+        return TextMatrix(path, options.genes_as_rows)
+    return H5adFile(path, options.matrix, options.csc_limit_bytes)
+
+
+class ExpressionFile:
+    def __init__(self, path: str, model_genes, options: ReadOptions | None = None):
+        self.path = path
+        self.options = options or ReadOptions()
+        self.matrix = open_matrix(path, self.options)
+        try:
+            self._setup(model_genes)
+        except Exception:
+            self.matrix.close()
+            raise
+
+    def _setup(self, model_genes) -> None:
+        opts = self.options
+        names = self.matrix.var_names
+        self.gene_source = "var index"
+        if opts.gene_column:
+            if not isinstance(self.matrix, H5adFile):
+                raise InputError(f"{self.path}: --gene-column applies to .h5ad files; a text file's genes are its header.")
+            names, self.gene_source = self.matrix.var_column(opts.gene_column), f"var[{opts.gene_column!r}]"
+        elif isinstance(self.matrix, H5adFile) and "feature_name" in self.matrix.var_columns and looks_like_ensembl(names):
+            names, self.gene_source = self.matrix.var_column("feature_name"), "var['feature_name'] (the index holds IDs)"
+        self.gene_symbols, self.ensembl_mapped = to_symbols(names)
+        if self.ensembl_mapped:
+            self.gene_source += f", {self.ensembl_mapped} Ensembl IDs mapped to symbols (GENCODE v44)"
+        self.cell_ids = self.matrix.cell_ids
+        if self.cell_ids is not None:
+            _refuse_duplicate_ids(self.cell_ids, self.path)
+        stream = self._raw_blocks()
+        first = next(stream, None)
+        if first is None:
+            raise InputError(f"{self.path}: the file holds no cells.")
+        self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
+        if opts.input_kind == "auto":
+            self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
+        else:
+            self.input_kind, self.kind_evidence = opts.input_kind, "set by --input-kind"
+        self.alignment: GeneAlignment = align_genes(
+            self.gene_symbols, model_genes, opts.min_genes, sum_duplicates=self.input_kind == "counts", source=self.path
+        )
+
+    @property
+    def n_cells(self) -> int | None:
+        return None if self.cell_ids is None else len(self.cell_ids)
+
+    @property
+    def matrix_name(self) -> str:
+        return self.matrix.matrix_name
+
+    def _raw_blocks(self):
+        size = self.options.block_size
+        if isinstance(self.matrix, TextMatrix):
+            yield from self.matrix.blocks(size)
+            return
+        for start in range(0, len(self.cell_ids), size):
+            stop = min(start + size, len(self.cell_ids))
+            yield self.cell_ids[start:stop], self.matrix.matrix.rows(start, stop)
+
+    def blocks(self, normalise: bool = True):
+        """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned)."""
+        seen = set() if self.cell_ids is None else None
+        if self._peeked is not None:
+            first, rest = self._peeked
+            stream, self._peeked = itertools.chain([first], rest), None
+        else:
+            stream = self._raw_blocks()
+        for ids, raw in stream:
+            if seen is not None:
+                _refuse_duplicate_ids(ids, self.path, seen)
+            check_values(raw, self.path)
+            x = aligned_dense(raw, self.alignment)
+            if normalise and self.input_kind == "counts":
+                lognorm(x)
+            yield ids, x
+
+    def describe(self) -> dict:
+        return {
+            "path": self.path,
+            "matrix": self.matrix_name,
+            "genes_from": self.gene_source,
+            "input_kind": self.input_kind,
+            "input_kind_evidence": self.kind_evidence,
+            "cells": self.n_cells,
+            "genes": self.alignment.report(),
+        }
+
+    def close(self) -> None:
+        self.matrix.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _refuse_duplicate_ids(ids, path: str, seen: set | None = None) -> None:
+    if seen is None:
+        unique, counts = np.unique(np.asarray(ids, dtype=str), return_counts=True)
+        dups = unique[counts > 1]
+    else:
+        dups = [i for i in ids if i in seen or seen.add(i)]
+    if len(dups):
+        raise InputError(
+            f"{path}: cell id {dups[0]!r} occurs more than once ({len(dups)} duplicated); "
+            "make the ids unique (adata.obs_names_make_unique(), or fix the first column) and save again."
+        )

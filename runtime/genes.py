@@ -1,0 +1,150 @@
+"""Gene identifiers to symbols, and the alignment of an input's genes to a model's gene order.
+
+Matching rules (documented in the README):
+- Symbols match exactly; an input gene with no exact match then matches ignoring case, which fixes
+  'C10orf10' against 'C10ORF10' and similar. HGNC symbols are unique ignoring case (SCimilarity's
+  28,231 are), so this never joins two different genes of one species.
+- Ensembl gene IDs (ENSG00000141510, with or without a '.version') are mapped to symbols with the
+  GENCODE v44 table shipped in this package.
+- Several input columns with one symbol: their counts are summed (they are reads of one gene);
+  for log-normalised input the first column is kept, as sums of logs mean nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from .errors import InputError
+
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+SCIMILARITY_GENES = 28231
+SCIMILARITY_MIN_OVERLAP = 5000
+
+
+@lru_cache(maxsize=1)
+def ensembl_to_symbol() -> dict[str, str]:
+    text = resources.files("scl.runtime").joinpath("data/gencode_v44_gene_id2name.csv.gz").read_bytes()
+    rows = (line.split(",", 1) for line in gzip.decompress(text).decode().splitlines() if line)
+    return {gene_id: symbol for gene_id, symbol in rows}
+
+
+def looks_like_ensembl(names) -> bool:
+    sample = list(names[:1000])
+    return bool(sample) and sum(bool(ENSEMBL_ID.match(str(n))) for n in sample) > len(sample) / 2
+
+
+def to_symbols(names: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map Ensembl IDs to symbols where the names are mostly Ensembl IDs; returns (names, how many mapped)."""
+    if not looks_like_ensembl(names):
+        return names, 0
+    table = ensembl_to_symbol()
+    out = np.array([table.get(str(n).split(".")[0], str(n)) for n in names], dtype=object)
+    return out, int(sum(o != n for o, n in zip(out, names)))
+
+
+def default_min_overlap(n_model_genes: int) -> int:
+    """SCimilarity refuses under 5,000 of its 28,231 genes; the same share for smaller gene orders."""
+    return min(SCIMILARITY_MIN_OVERLAP, math.ceil(n_model_genes * SCIMILARITY_MIN_OVERLAP / SCIMILARITY_GENES))
+
+
+@dataclass
+class GeneAlignment:
+    """Where each input column goes in the model's gene order (-1: unused)."""
+
+    model_index: np.ndarray
+    n_model_genes: int
+    matched: int
+    matched_ignoring_case: int
+    duplicate_input_genes: int
+    missing_model_genes: list = field(repr=False)
+    unused_input_genes: list = field(repr=False)
+
+    @property
+    def has_duplicates(self) -> bool:
+        used = self.model_index[self.model_index >= 0]
+        return len(np.unique(used)) != len(used)
+
+    def report(self, examples: int = 20) -> dict:
+        return {
+            "model_genes": self.n_model_genes,
+            "input_genes": len(self.model_index),
+            "matched": self.matched,
+            "matched_ignoring_case": self.matched_ignoring_case,
+            "duplicate_input_genes": self.duplicate_input_genes,
+            "model_genes_missing": len(self.missing_model_genes),
+            "input_genes_unused": len(self.unused_input_genes),
+            "examples_missing": self.missing_model_genes[:examples],
+            "examples_unused": self.unused_input_genes[:examples],
+        }
+
+
+def align_genes(
+    input_genes,
+    model_genes,
+    min_overlap: int | None = None,
+    sum_duplicates: bool = True,
+    source: str = "input",
+) -> GeneAlignment:
+    model_genes = [str(g) for g in model_genes]
+    exact = {g: i for i, g in enumerate(model_genes)}
+    folded = {g.upper(): i for i, g in enumerate(model_genes)}
+    model_index = np.full(len(input_genes), -1, dtype=np.int64)
+    ignoring_case = duplicates = 0
+    taken = set()
+    for col, gene in enumerate(map(str, input_genes)):
+        target = exact.get(gene)
+        if target is None:
+            target = folded.get(gene.upper())
+            ignoring_case += target is not None
+        if target is None:
+            continue
+        if target in taken:
+            duplicates += 1
+            if not sum_duplicates:
+                continue
+        taken.add(target)
+        model_index[col] = target
+    matched = len(taken)
+    if min_overlap is None:
+        min_overlap = default_min_overlap(len(model_genes))
+    if matched < min_overlap:
+        example = ", ".join(map(str, input_genes[:3]))
+        raise InputError(
+            f"{source}: only {matched} of the model's {len(model_genes)} genes are in the input "
+            f"({len(input_genes)} genes, e.g. {example}); at least {min_overlap} are needed: use gene symbols "
+            "or Ensembl IDs (--gene-column to pick a var column), or lower --min-genes."
+        )
+    missing = [g for i, g in enumerate(model_genes) if i not in taken]
+    unused = [str(g) for g, m in zip(input_genes, model_index) if m < 0]
+    return GeneAlignment(model_index, len(model_genes), matched, ignoring_case, duplicates, missing, unused)
+
+
+def aligned_dense(block, alignment: GeneAlignment) -> np.ndarray:
+    """A block of input rows (dense or SparseRows) as a dense float32 [cells, model genes] matrix."""
+    cols = alignment.model_index
+    if isinstance(block, np.ndarray):
+        n = block.shape[0]
+        out = np.zeros((n, alignment.n_model_genes), dtype=np.float32)
+        keep = np.flatnonzero(cols >= 0)
+        if alignment.has_duplicates:
+            np.add.at(out, (slice(None), cols[keep]), block[:, keep])
+        else:
+            out[:, cols[keep]] = block[:, keep]
+        return out
+    n = block.n_rows
+    out = np.zeros((n, alignment.n_model_genes), dtype=np.float32)
+    target = cols[block.indices]
+    keep = target >= 0
+    rows = np.repeat(np.arange(n), np.diff(block.indptr))[keep]
+    if alignment.has_duplicates:
+        np.add.at(out, (rows, target[keep]), block.data[keep])
+    else:
+        out[rows, target[keep]] = block.data[keep]
+    return out

@@ -1,0 +1,198 @@
+"""Read cells from an .h5ad file with h5py, one block of rows at a time.
+
+Elements are read by their `encoding-type` attribute, the way anndata writes them
+(https://anndata.readthedocs.io/en/latest/fileformat-prose.html). X is never read whole
+when it is CSR or dense; a CSC matrix is converted in memory only below a size limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+
+MATRIX_CHOICES = ("auto", "X", "layers/counts", "raw/X")
+DEFAULT_CSC_LIMIT_BYTES = 2 * 1024**3
+
+
+@dataclass
+class SparseRows:
+    """A block of CSR rows: the three arrays of scipy's csr_matrix, with indptr starting at 0."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+
+def csc_to_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> SparseRows:
+    """Column-major arrays to row blocks, in memory (about three times the nonzeros)."""
+    cols = np.repeat(np.arange(shape[1], dtype=np.int64), np.diff(indptr))
+    order = np.argsort(indices, kind="stable")
+    counts = np.bincount(indices, minlength=shape[0])
+    return SparseRows(data[order], cols[order], np.concatenate([[0], np.cumsum(counts)]))
+
+
+def open_h5ad(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file; check the path.")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes); write the AnnData again with adata.write_h5ad().")
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not an HDF5 file, so not an .h5ad; for text matrices use a .csv/.tsv(.gz) name.")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(
+            f"{path}: the HDF5 file cannot be opened ({str(err).splitlines()[0]}); "
+            "it is probably truncated or still being written: copy or write it again."
+        ) from None
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "SO":
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+    return values
+
+
+def read_array(elem: h5py.Dataset | h5py.Group) -> np.ndarray:
+    """One column or index of a dataframe, whatever its encoding."""
+    kind = elem.attrs.get("encoding-type", "array")
+    if kind == "categorical":
+        categories = read_array(elem["categories"])
+        codes = elem["codes"][()]
+        out = np.empty(len(codes), dtype=object)
+        out[codes >= 0] = categories[codes[codes >= 0]]
+        return out
+    if kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+        values = _decode(elem["values"][()]).astype(object)
+        values[elem["mask"][()]] = None
+        return values
+    if isinstance(elem, h5py.Dataset):
+        if h5py.check_string_dtype(elem.dtype) is not None:
+            return np.array(elem.asstr()[()], dtype=object)
+        return _decode(elem[()])
+    raise InputError(f"{elem.file.filename}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
+
+
+def read_dataframe(group: h5py.Group) -> tuple[np.ndarray, dict[str, h5py.Dataset | h5py.Group]]:
+    """The index of an anndata dataframe (obs, var) and its columns, unread."""
+    if isinstance(group, h5py.Dataset):
+        raise InputError(
+            f"{group.file.filename}: {group.name} uses the pre-0.7 anndata layout; "
+            "read and save it once with a current anndata (ad.read_h5ad(f).write_h5ad(f2))."
+        )
+    index_name = group.attrs.get("_index", "_index")
+    index = read_array(group[index_name]).astype(str).astype(object)
+    columns = {k: v for k, v in group.items() if k != index_name and k != "__categories"}
+    return index, columns
+
+
+class Matrix:
+    """Rows of X, a layer or raw/X, in blocks."""
+
+    def __init__(self, elem: h5py.Dataset | h5py.Group, name: str, csc_limit_bytes: int):
+        self.name = name
+        self.elem = elem
+        if isinstance(elem, h5py.Dataset):
+            self.format = "dense"
+            self.shape = tuple(elem.shape)
+            self.dtype = elem.dtype
+            return
+        self.format = elem.attrs.get("encoding-type", elem.attrs.get("h5sparse_format", ""))
+        self.format = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(self.format, self.format)
+        if self.format not in ("csr_matrix", "csc_matrix"):
+            raise InputError(f"{elem.file.filename}: {name} has encoding {self.format!r}; scl reads dense, CSR and CSC matrices.")
+        self.shape = tuple(int(s) for s in elem.attrs.get("shape", elem.attrs.get("h5sparse_shape")))
+        self.dtype = elem["data"].dtype
+        self._csr_in_memory = None
+        if self.format == "csc_matrix":
+            self._csr_in_memory = self._csc_to_csr(csc_limit_bytes)
+
+    def _csc_to_csr(self, limit: int) -> SparseRows:
+        data, indices, indptr = self.elem["data"], self.elem["indices"], self.elem["indptr"]
+        needed = 3 * data.size * (data.dtype.itemsize + 8)  # data, row and column ids, and a sort order
+        if needed > limit:
+            raise InputError(
+                f"{self.elem.file.filename}: {self.name} is stored by genes (CSC) and reading it by cells needs "
+                f"about {needed / 1024**3:.1f} GiB, above the {limit / 1024**3:.1f} GiB limit; save it as CSR once "
+                "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)) or raise --csc-memory-limit."
+            )
+        return csc_to_csr(data[()], indices[()], indptr[()], self.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray | SparseRows:
+        if self.format == "dense":
+            return self.elem[start:stop]
+        if self._csr_in_memory is not None:
+            src = self._csr_in_memory
+            lo, hi = src.indptr[start], src.indptr[stop]
+            return SparseRows(src.data[lo:hi], src.indices[lo:hi], src.indptr[start : stop + 1] - lo)
+        indptr = self.elem["indptr"][start : stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return SparseRows(self.elem["data"][lo:hi], self.elem["indices"][lo:hi], indptr - lo)
+
+
+class H5adFile:
+    """An .h5ad opened for reading cells: which matrix, its gene names, its cell ids."""
+
+    def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES):
+        self.path = path
+        self.file = open_h5ad(path)
+        try:
+            self.matrix_name = self._choose_matrix(matrix)
+            self.matrix = Matrix(self.file[self.matrix_name], self.matrix_name, csc_limit_bytes)
+            self.cell_ids, self.obs_columns = read_dataframe(self.file["obs"])
+            var_group = self.file["raw/var"] if self.matrix_name == "raw/X" else self.file["var"]
+            self.var_names, self.var_columns = read_dataframe(var_group)
+        except KeyError as err:
+            self.file.close()
+            raise InputError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad?") from None
+        except Exception:
+            self.file.close()
+            raise
+        n_obs, n_var = len(self.cell_ids), len(self.var_names)
+        if self.matrix.shape != (n_obs, n_var):
+            self.file.close()
+            raise InputError(
+                f"{path}: {self.matrix_name} is {self.matrix.shape[0]} x {self.matrix.shape[1]} but obs/var "
+                f"hold {n_obs} x {n_var}; the file is inconsistent: write it again with anndata."
+            )
+
+    def _choose_matrix(self, wanted: str) -> str:
+        present = [name for name in MATRIX_CHOICES[1:] if name in self.file]
+        if wanted == "auto":
+            for name in ("layers/counts", "raw/X", "X"):  # raw counts first, where the file keeps them
+                if name in self.file:
+                    return name
+            raise InputError(f"{self.path}: the file has no X, layers/counts or raw/X; nothing to annotate.")
+        if wanted not in self.file:
+            layers = [f"layers/{k}" for k in self.file.get("layers", {})]
+            raise InputError(
+                f"{self.path}: there is no {wanted} in the file; choose one of {', '.join(present + layers) or 'nothing'}."
+            )
+        return wanted
+
+    def obs_column(self, key: str) -> np.ndarray:
+        if key not in self.obs_columns:
+            raise InputError(
+                f"{self.path}: obs has no column {key!r}; choose one of: {', '.join(sorted(self.obs_columns)) or '(none)'}."
+            )
+        return read_array(self.obs_columns[key])
+
+    def var_column(self, key: str) -> np.ndarray:
+        if key not in self.var_columns:
+            where = "raw/var" if self.matrix_name == "raw/X" else "var"
+            raise InputError(
+                f"{self.path}: {where} has no column {key!r}; choose one of: {', '.join(sorted(self.var_columns)) or '(none)'}."
+            )
+        return read_array(self.var_columns[key]).astype(str).astype(object)
+
+    def close(self) -> None:
+        self.file.close()

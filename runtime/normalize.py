@@ -1,0 +1,61 @@
+"""SCimilarity's normalisation (total counts to 1e4 per cell, then log1p) and the checks around it.
+
+As in SCimilarity's tutorials, counts are aligned to the model's genes first and normalised after,
+so the total is over the model's genes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+TARGET_SUM = 1e4
+INPUT_KINDS = ("auto", "counts", "lognorm")
+
+
+def lognorm(x: np.ndarray) -> np.ndarray:
+    """log1p(counts / total * 1e4) per row, in place on a float32 array; rows without counts stay 0."""
+    totals = x.sum(axis=1, keepdims=True)
+    np.divide(x, totals, out=x, where=totals > 0)
+    x *= TARGET_SUM
+    return np.log1p(x, out=x)
+
+
+def _values(block) -> np.ndarray:
+    return block if isinstance(block, np.ndarray) else block.data
+
+
+def check_values(block, where: str) -> None:
+    """Refuse NaN, inf and negative values, naming where they are."""
+    values = _values(block)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise InputError(f"{where}: the matrix holds NaN or infinite values; replace them (e.g. with 0) or fix the upstream step that made them.")
+    if values.size and values.min() < 0:
+        raise InputError(
+            f"{where}: the matrix holds negative values (min {values.min():.3g}), so it is scaled, not counts; "
+            "use raw counts (--matrix layers/counts or raw/X) or log1p-normalised values."
+        )
+
+
+def _expm1_row_sums(block) -> np.ndarray:
+    if isinstance(block, np.ndarray):
+        return np.expm1(block.astype(np.float64)).sum(axis=1)
+    rows = np.repeat(np.arange(block.n_rows), np.diff(block.indptr))
+    return np.bincount(rows, weights=np.expm1(block.data.astype(np.float64)), minlength=block.n_rows)
+
+
+def detect_input_kind(block, where: str) -> tuple[str, str]:
+    """'counts' or 'lognorm' from a sample of rows, with the evidence as a sentence; refuses anything else."""
+    values = _values(block)
+    if values.size == 0 or np.allclose(values, np.round(values), rtol=0, atol=1e-4):
+        return "counts", "all values are integers"
+    sums = _expm1_row_sums(block)
+    sums = sums[sums > 0]
+    if sums.size and np.all(np.abs(sums / TARGET_SUM - 1) < 0.02):
+        return "lognorm", f"values are non-integer and expm1 row sums are {np.median(sums):.0f} (log1p of counts per 1e4)"
+    raise InputError(
+        f"{where}: values are neither integer counts nor log1p(counts per 1e4) (median expm1 row sum "
+        f"{np.median(sums) if sums.size else 0:.4g}); pass raw counts (--matrix layers/counts or raw/X), "
+        "or --input-kind lognorm if they are log-normalised to another total."
+    )
