@@ -70,6 +70,7 @@ class ExpressionFile:
         if first is None:
             raise InputError(f"{self.path}: the file holds no cells.")
         self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
+        check_values(first[1], self.path)
         if opts.input_kind == "auto":
             self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
         else:
@@ -141,6 +142,6 @@ def _refuse_duplicate_ids(ids, path: str, seen: set | None = None) -> None:
         dups = [i for i in ids if i in seen or seen.add(i)]
     if len(dups):
         raise InputError(
-            f"{path}: cell id {dups[0]!r} occurs more than once ({len(dups)} duplicated); "
+            f"{path}: cell id {str(dups[0])!r} occurs more than once ({len(dups)} duplicated); "
             "make the ids unique (adata.obs_names_make_unique(), or fix the first column) and save again."
         )

@@ -40,7 +40,7 @@ class TextMatrix:
             with self._open() as stream:
                 header = stream.readline()
         except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: cannot be read as text ({err}); is it complete, and gzipped only if named .gz?") from None
+            raise InputError(f"{path}: cannot be read as text ({err}); the file is truncated or corrupt, or gzipped without a .gz name.") from None
         if not header.strip():
             raise InputError(f"{path}: the file is empty; expected a header row of gene symbols.")
         names = [_unquote(f) for f in header.rstrip("\r\n").split(self.sep)]

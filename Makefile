@@ -1,0 +1,17 @@
+# The two commands the README gives: `make setup` once on a fresh machine, then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test demo benchmark
+
+# torch is pinned and installed first: the CPU build (a local wheel on these machines); left to
+# peft's resolver, pip would download a CUDA build of several GB.
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[cpu,train,serve,dev]"
+
+test:
+	$(BIN)/python -m pytest -q

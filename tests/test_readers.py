@@ -1,0 +1,184 @@
+"""The expression readers: every h5ad layout users have, written by anndata, and CSV/TSV files."""
+
+import gzip
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scl.runtime.errors import InputError
+from scl.runtime.expression import ExpressionFile, ReadOptions
+from scl.runtime.genes import ensembl_to_symbol
+from scl.runtime.normalize import lognorm
+
+
+def read_all(path, genes, **options):
+    with ExpressionFile(str(path), genes, ReadOptions(block_size=50, **options)) as src:
+        blocks = list(src.blocks())
+        info = src.describe()
+    ids = np.concatenate([b[0] for b in blocks])
+    return ids, np.vstack([b[1] for b in blocks]), info
+
+
+def scimilarity_reference(adata, genes):
+    """What SCimilarity's own tutorial code gives: align_dataset, then lognorm_counts."""
+    from scimilarity.utils import align_dataset, lognorm_counts
+
+    a = adata.copy()
+    a.layers["counts"] = a.X.copy()
+    a = lognorm_counts(align_dataset(a, genes, gene_overlap_threshold=1000))
+    return np.asarray(a.X.todense() if sp.issparse(a.X) else a.X)
+
+
+def lognormed(x):
+    x = np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float32)
+    return lognorm(x.copy())
+
+
+LAYOUTS = {
+    "csr_float32": lambda a: a,
+    "csc": lambda a: ad.AnnData(sp.csc_matrix(a.X), obs=a.obs, var=a.var),
+    "dense": lambda a: ad.AnnData(a.X.toarray(), obs=a.obs, var=a.var),
+    "csr_float64": lambda a: ad.AnnData(a.X.astype(np.float64), obs=a.obs, var=a.var),
+    "csr_int32": lambda a: ad.AnnData(a.X.astype(np.int32), obs=a.obs, var=a.var),
+    "dense_int64": lambda a: ad.AnnData(a.X.toarray().astype(np.int64), obs=a.obs, var=a.var),
+    "counts_in_layer": lambda a: ad.AnnData(lognormed(a.X), obs=a.obs, var=a.var, layers={"counts": a.X}),
+    "counts_in_raw": lambda a: _with_raw(a),
+}
+
+
+def _with_raw(a):
+    out = a.copy()
+    out.raw = a
+    out = out[:, : a.n_vars // 2].copy()  # X keeps half the genes, raw all of them, as after HVG selection
+    out.X = lognormed(out.X)
+    return out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_matches_scimilarity_normalisation(layout, pbmc_small, scimilarity_genes, tmp_path):
+    path = tmp_path / f"{layout}.h5ad"
+    LAYOUTS[layout](pbmc_small).write_h5ad(path)
+    ids, x, info = read_all(path, scimilarity_genes)
+    expected = scimilarity_reference(pbmc_small, scimilarity_genes)
+    assert list(ids) == list(pbmc_small.obs_names)
+    assert info["input_kind"] == "counts"
+    assert info["genes"]["matched"] == 8228  # as ../shared/data/README.md states for the PBMC genes
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+    want_matrix = {"counts_in_layer": "layers/counts", "counts_in_raw": "raw/X"}.get(layout, "X")
+    assert info["matrix"] == want_matrix
+
+
+def test_matrix_option_picks_the_stored_matrix(pbmc_small, scimilarity_genes, tmp_path):
+    path = tmp_path / "layer.h5ad"
+    LAYOUTS["counts_in_layer"](pbmc_small).write_h5ad(path)
+    _, x, info = read_all(path, scimilarity_genes, matrix="X")
+    assert info["matrix"] == "X" and info["input_kind"] == "lognorm"
+    assert "expm1 row sums" in info["input_kind_evidence"]
+    with pytest.raises(InputError, match="no raw/X in the file; choose one of X, layers/counts"):
+        read_all(path, scimilarity_genes, matrix="raw/X")
+
+
+def test_lognormalised_input_is_recognised_and_not_normalised_twice(pbmc_small, scimilarity_genes, tmp_path):
+    path = tmp_path / "lognorm.h5ad"
+    logged = lognormed(pbmc_small.X)
+    ad.AnnData(logged, obs=pbmc_small.obs, var=pbmc_small.var).write_h5ad(path)
+    _, x, info = read_all(path, scimilarity_genes)
+    assert info["input_kind"] == "lognorm"
+    col = {g: i for i, g in enumerate(scimilarity_genes)}
+    j_in = [i for i, g in enumerate(pbmc_small.var_names) if g in col]
+    np.testing.assert_allclose(x[:, [col[pbmc_small.var_names[i]] for i in j_in]], logged[:, j_in], rtol=1e-6)
+
+
+def test_other_non_integer_values_are_refused(pbmc_small, scimilarity_genes, tmp_path):
+    path = tmp_path / "cpm.h5ad"
+    ad.AnnData(np.log1p(pbmc_small.X.toarray() / pbmc_small.X.sum(1).A * 1e6), obs=pbmc_small.obs, var=pbmc_small.var).write_h5ad(path)
+    with pytest.raises(InputError, match="neither integer counts nor log1p"):
+        read_all(path, scimilarity_genes)
+    _, _, info = read_all(path, scimilarity_genes, input_kind="lognorm")
+    assert info["input_kind_evidence"] == "set by --input-kind"
+
+
+def test_ensembl_ids_with_symbol_column_and_alone(pbmc_small, scimilarity_genes, tmp_path):
+    by_symbol = {}
+    for gene_id, symbol in ensembl_to_symbol().items():
+        by_symbol.setdefault(symbol, gene_id)
+    keep = [g for g in pbmc_small.var_names if g in by_symbol]
+    a = pbmc_small[:, keep].copy()
+    ids = [by_symbol[g] + ".5" for g in keep]  # versioned IDs, as some pipelines write
+    expected = scimilarity_reference(a, scimilarity_genes)
+
+    cellxgene = ad.AnnData(a.X, obs=a.obs, var=a.var.assign(feature_name=list(keep)).set_index(np.array(ids)))
+    cellxgene.var["feature_name"] = cellxgene.var["feature_name"].astype("category")
+    cellxgene.write_h5ad(tmp_path / "cxg.h5ad")
+    _, x, info = read_all(tmp_path / "cxg.h5ad", scimilarity_genes)
+    assert info["genes_from"].startswith("var['feature_name']")
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+    ids_only = ad.AnnData(a.X, obs=a.obs, var=a.var.set_index(np.array(ids)))
+    ids_only.write_h5ad(tmp_path / "ids.h5ad")
+    _, x, info = read_all(tmp_path / "ids.h5ad", scimilarity_genes)
+    assert f"{len(keep)} Ensembl IDs mapped" in info["genes_from"]
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+    _, x, info = read_all(tmp_path / "cxg.h5ad", scimilarity_genes, gene_column="feature_name")
+    assert info["genes_from"] == "var['feature_name']"
+    with pytest.raises(InputError, match="var has no column 'symbols'; choose one of: feature_name"):
+        read_all(tmp_path / "cxg.h5ad", scimilarity_genes, gene_column="symbols")
+
+
+def test_duplicate_and_differently_cased_symbols(pbmc_small, scimilarity_genes, tmp_path):
+    a = pbmc_small[:, :6000].copy()
+    names = list(a.var_names)
+    names[1] = names[0]  # two columns of one gene: counts are summed
+    names[2] = names[2].lower()  # matched ignoring case
+    a.var_names = names
+    a.write_h5ad(tmp_path / "dups.h5ad")
+    _, x, info = read_all(tmp_path / "dups.h5ad", scimilarity_genes)
+    assert info["genes"]["duplicate_input_genes"] == 1
+    assert info["genes"]["matched_ignoring_case"] >= 1
+    col = scimilarity_genes.index(pbmc_small.var_names[0])
+    counts = pbmc_small.X[:, :6000].toarray()
+    totals = counts[:, [i for i, g in enumerate(pbmc_small.var_names[:6000]) if g in set(scimilarity_genes)]].sum(1)
+    np.testing.assert_allclose(x[:, col], np.log1p((counts[:, 0] + counts[:, 1]) / totals * 1e4), rtol=1e-5)
+
+
+def test_csc_above_the_memory_limit_is_refused_with_advice(pbmc_small, scimilarity_genes, tmp_path):
+    path = tmp_path / "csc.h5ad"
+    LAYOUTS["csc"](pbmc_small).write_h5ad(path)
+    with pytest.raises(InputError, match=r"stored by genes \(CSC\).*save it as CSR once.*--csc-memory-limit"):
+        read_all(path, scimilarity_genes, csc_limit_bytes=1000)
+
+
+def test_csv_cells_as_rows_gzipped_and_tsv_genes_as_rows(pbmc_small, scimilarity_genes, tmp_path):
+    dense = pbmc_small.X.toarray()
+    header = "," + ",".join(pbmc_small.var_names)
+    lines = [f"{cid}," + ",".join(f"{v:g}" for v in row) for cid, row in zip(pbmc_small.obs_names, dense)]
+    with gzip.open(tmp_path / "cells.csv.gz", "wt") as fh:
+        fh.write("\n".join([header, *lines]) + "\n")
+    tsv = ["gene\t" + "\t".join(pbmc_small.obs_names)]
+    tsv += [f"{g}\t" + "\t".join(f"{v:g}" for v in col) for g, col in zip(pbmc_small.var_names, dense.T)]
+    (tmp_path / "genes.tsv").write_text("\n".join(tsv) + "\n")
+
+    expected = scimilarity_reference(pbmc_small, scimilarity_genes)
+    for path, opts in ((tmp_path / "cells.csv.gz", {}), (tmp_path / "genes.tsv", {"genes_as_rows": True})):
+        ids, x, info = read_all(path, scimilarity_genes, **opts)
+        assert list(ids) == list(pbmc_small.obs_names)
+        np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, expected_matched",
+    [("pbmc_sorted_dev.h5ad", 8228), ("darmanis_brain_466.h5ad", 17101), ("celltypist_sample_559cells.csv.gz", 19531)],
+)
+def test_real_files_align_to_scimilaritys_gene_order(name, expected_matched, scimilarity_genes):
+    from conftest import shared_file
+
+    path = shared_file(name)
+    ids, x, info = read_all(path, scimilarity_genes)
+    assert info["genes"]["matched"] == expected_matched
+    assert info["genes"]["model_genes_missing"] == 28231 - expected_matched
+    assert x.shape == (len(ids), 28231) and len(set(ids)) == len(ids)
+    nonzero = x.sum(1) > 0
+    np.testing.assert_allclose(np.expm1(x[nonzero]).sum(1), 1e4, rtol=1e-3)
