@@ -1,5 +1,59 @@
-"""scl-train: not built yet (issue 3)."""
+"""scl-train: LoRA fine-tuning with a classification head, a fair baseline, merged weights and a report."""
 
-from scl.runtime.cli_errors import not_built_yet
+from __future__ import annotations
 
-main = not_built_yet("scl-train", "issue 3")
+import click
+
+from scl.runtime.cli_errors import reports_input_errors
+
+from .config import LOSSES, FinetuneConfig
+
+
+@click.command(
+    epilog="""Example (fine-tune on the 7 sorted PBMC populations; forgetting measured on brain cells):
+
+\b
+  scl-train --base-model base_model --data pbmc_train.h5ad --label-key cell_type \\
+      --val-data pbmc_val.h5ad --forgetting-data brain.h5ad --out run
+
+RUN_DIR then holds model/ (merged encoder, SCimilarity format), adapter/ (peft), head.pt,
+classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export run --out model.onnx"""
+)
+@click.option("--base-model", required=True, type=click.Path(exists=True, file_okay=False), help="SCimilarity model directory (official v1.1 or from scl-pretrain).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled training .h5ad.")
+@click.option("--label-key", default="cell_type", show_default=True, help="obs column with the labels.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN_DIR to write.")
+@click.option("--val-data", type=click.Path(exists=True, dir_okay=False), help="Labelled validation .h5ad; default: a stratified split of --data.")
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", default=16, show_default=True, help="LoRA alpha.")
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate of the adapters.")
+@click.option("--head-lr", default=1e-2, show_default=True, help="Adam learning rate of the classification head.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="ce+triplet+recon", show_default=True)
+@click.option("--triplet-weight", default=1.0, show_default=True)
+@click.option("--recon-weight", default=1.0, show_default=True)
+@click.option("--forgetting-data", type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad not trained on, to measure forgetting.")
+@click.option("--forgetting-label-key", default="cell_type", show_default=True)
+@click.option("--ablation", is_flag=True, help="Also train CE-only and CE+triplet+recon from the same seed and tabulate them.")
+@click.option("--min-genes", type=int, help="Fewest model genes the data must have.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_input_errors
+def main(quiet, ablation, **options):
+    """Fine-tune a SCimilarity encoder with LoRA adapters and compare it with frozen-encoder baselines."""
+    from .finetune import finetune
+
+    metrics = finetune(FinetuneConfig(**options), progress=not quiet, ablation=ablation)
+    p = metrics["parameters"]
+    click.echo(f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({100 * p['trainable'] / p['total']:.2f}%)")
+    click.echo(f"{'method':<14}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
+    for name, m in metrics["methods"].items():
+        click.echo(f"{name:<14}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
+    checks = metrics["sanity_checks"]
+    click.echo(f"sanity checks {'passed' if checks['passed'] else 'FAILED'}: {checks}")
+    click.echo(f"wrote {options['out']}/ (report.md, metrics.json, model/, adapter/, head.pt)")
+    if not checks["passed"]:
+        raise SystemExit(3)

@@ -1,0 +1,155 @@
+"""scl-pretrain and scl-train on real cells: real training steps, small networks, the real gene order."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from scl.runtime.errors import InputError
+from scl.train.config import FinetuneConfig
+from scl.train.finetune import finetune
+from scl.train.model_dir import load_model_dir
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args):
+    out = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True)
+    return out.returncode, out.stdout, out.stderr
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, pbmc_path, brain_path):
+    """40 PBMC cells per population split 30/10 per class, and 14 brain cells per type, as h5ad files."""
+    d = tmp_path_factory.mktemp("data")
+    pbmc = ad.read_h5ad(pbmc_path)
+    rng = np.random.default_rng(0)
+    train, val = [], []
+    for c in pbmc.obs["cell_type"].cat.categories:
+        idx = rng.permutation(np.flatnonzero(pbmc.obs["cell_type"] == c))[:40]
+        train += list(idx[:30])
+        val += list(idx[30:])
+    pbmc[sorted(train)].copy().write_h5ad(d / "train.h5ad")
+    pbmc[sorted(val)].copy().write_h5ad(d / "val.h5ad")
+    brain = ad.read_h5ad(brain_path)
+    pick = [i for c in brain.obs["cell_type"].unique() for i in np.flatnonzero(brain.obs["cell_type"] == c)[:14]]
+    brain[sorted(pick)].copy().write_h5ad(d / "brain.h5ad")
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_dir(small_data, scimilarity_genes, tmp_path_factory):
+    from conftest import shared_file
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    code, stdout, stderr = run("scl-pretrain", "--data", small_data / "train.h5ad", "--data", small_data / "brain.h5ad",
+                               "--gene-order", shared_file("scimilarity_gene_order.tsv"), "--out", out,
+                               "--hidden", "64,32", "--latent", "16", "--epochs", "2", "--batch-size", "64")
+    assert code == 0, stderr
+    assert "28231 genes -> [64, 32] -> 16" in stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(base_dir, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    code, stdout, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad",
+                               "--val-data", small_data / "val.h5ad", "--forgetting-data", small_data / "brain.h5ad",
+                               "--out", out, "--epochs", "2", "--ablation")
+    assert code == 0, stderr
+    assert "trainable parameters:" in stdout and "sanity checks passed" in stdout
+    assert "LoRA" in stderr  # progress bars
+    return out
+
+
+def test_pretrained_base_loads_in_scimilarity(base_dir):
+    from scimilarity import CellEmbedding
+
+    ce = CellEmbedding(model_path=str(base_dir))
+    ours = load_model_dir(base_dir)
+    assert ce.n_genes == 28231 and ce.latent_dim == 16
+    assert len(ours.labels) == 7 + 9  # PBMC populations and brain types
+    history = json.loads((base_dir / "pretrain.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_run_dir_has_every_artifact_and_report(run_dir):
+    for name in ("model/encoder.ckpt", "model/decoder.ckpt", "adapter/adapter_config.json", "head.pt", "classes.json",
+                 "metrics.json", "report.md", "confusion_lora.png", "confusion_base_linear.png", "confused_pairs_lora.csv"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"base+linear", "base+knn", "lora"}
+    for m in metrics["methods"].values():
+        assert 0 <= m["macro_f1"] <= 1 and m["top3"] >= m["top1"]
+        assert len(m["per_class"]) == 7 and np.array(m["confusion_matrix"]).sum() == 70
+        assert m["reconstruction_mse"] > 0 and m["batch_hard_triplet"] >= 0
+    assert metrics["methods"]["base+linear"]["fit"]["converged"]
+    assert set(metrics["ablation"]) == {"ce", "ce+triplet+recon"}
+    f = metrics["forgetting"]
+    assert f["cells"] == 126 and f["mean_cosine_drift"] > 0 and 0 < f["knn_transfer_accuracy_finetuned"] <= 1
+    p = metrics["parameters"]
+    lora = 8 * ((28231 + 64) + (64 + 32) + (32 + 16))  # r * (in + out) per Linear layer
+    assert p["lora"] == lora and p["head"] == 16 * 7 + 7 and p["trainable"] == lora + 16 * 7 + 7 < p["total"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Ablation" in report and "## Forgetting" in report and "confusion_lora.png" in report
+
+
+def test_sanity_checks_hold(run_dir):
+    checks = json.loads((run_dir / "metrics.json").read_text())["sanity_checks"]
+    assert checks["adapters_disabled_max_abs_diff_to_base"] == 0.0
+    assert checks["merged_max_abs_diff_to_adapted"] <= 1e-5
+    assert checks["adapted_mean_cosine_drift_from_base"] > 0
+    assert checks["passed"]
+
+
+def test_merged_encoder_equals_peft_adapter_and_loads_in_scimilarity(run_dir, base_dir, small_data):
+    from peft import PeftModel
+    from scimilarity import CellEmbedding
+
+    from scl.runtime.expression import ExpressionFile
+
+    base = load_model_dir(base_dir)
+    with ExpressionFile(str(small_data / "val.h5ad"), base.gene_order) as src:
+        _, x = next(src.blocks())
+    x = torch.from_numpy(x)
+    adapted = PeftModel.from_pretrained(base.encoder, str(run_dir / "adapter")).eval()
+    merged = CellEmbedding(model_path=str(run_dir / "model"))
+    with torch.no_grad():
+        z_adapter = adapted(x).numpy()
+    z_merged = merged.get_embeddings(x.numpy())
+    assert np.abs(z_adapter - z_merged).max() <= 1e-5
+    assert merged.int2label[0] == "B"
+
+
+def test_same_seed_same_result(base_dir, small_data, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        cfg = FinetuneConfig(base_model=str(base_dir), data=str(small_data / "train.h5ad"), out=str(tmp_path / name), epochs=1, loss="ce+triplet+recon")
+        results.append(finetune(cfg, progress=False)["methods"]["lora"]["confusion_matrix"])
+    assert results[0] == results[1]
+
+
+def test_bad_training_input(base_dir, small_data, tmp_path):
+    one = ad.read_h5ad(small_data / "train.h5ad")
+    one.obs["cell_type"] = one.obs["cell_type"].astype(str)
+    one.obs.iloc[0, one.obs.columns.get_loc("cell_type")] = "lonely"
+    one.write_h5ad(tmp_path / "lonely.h5ad")
+    cases = [
+        (dict(data=str(tmp_path / "lonely.h5ad")), "class 'lonely' (1) has fewer than 2 cells"),
+        (dict(label_key="celltype"), "obs has no column 'celltype'"),
+        (dict(min_genes=20000), "only 8228 of the model's 28231 genes"),
+        (dict(loss="mse"), "--loss 'mse'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "--device cuda was asked for but torch sees no CUDA GPU"))
+    for overrides, words in cases:
+        cfg = FinetuneConfig(**{"base_model": str(base_dir), "data": str(small_data / "train.h5ad"), "out": str(tmp_path / "x"), "epochs": 1, **overrides})
+        with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            finetune(cfg, progress=False)
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--label-key", "nope", "--out", tmp_path / "y")
+    assert code == 1 and stderr.strip().startswith("Error:") and len(stderr.strip().splitlines()) == 1

@@ -1,0 +1,62 @@
+"""What a training run is told, apart from the code that carries it out (as peft keeps LoraConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PretrainConfig:
+    """SCimilarity's MetricLearning recipe: semi-hard triplets on labels plus reconstruction."""
+
+    data: list[str]
+    label_key: str = "cell_type"
+    out: str = "base_model"
+    gene_order: str | None = None  # a gene_order.tsv; None: the union of the files' genes
+    hidden_dim: list[int] = field(default_factory=lambda: [1024, 1024])
+    latent_dim: int = 128
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    triplet_weight: float = 0.001  # loss = w * triplet + (1 - w) * MSE, as SCimilarity mixes them
+    margin: float = 0.05
+    min_genes: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    to_dict = asdict
+
+
+LOSSES = ("ce", "ce+triplet", "ce+triplet+recon")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA on the encoder's Linear layers; loss = CE + w_t * triplet + w_r * MSE(frozen decoder)."""
+
+    base_model: str
+    data: str
+    label_key: str = "cell_type"
+    out: str = "run"
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    rank: int = 8
+    alpha: int = 16
+    lora_dropout: float = 0.0
+    lr: float = 1e-4
+    head_lr: float = 1e-2
+    epochs: int = 5
+    batch_size: int = 64
+    loss: str = "ce+triplet+recon"
+    triplet_weight: float = 1.0
+    recon_weight: float = 1.0
+    margin: float = 0.05
+    forgetting_data: str | None = None
+    forgetting_label_key: str = "cell_type"
+    knn_neighbors: int = 15
+    min_genes: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    to_dict = asdict

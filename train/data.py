@@ -1,0 +1,78 @@
+"""Labelled cells for training, read through the runtime's readers and held as sparse log1p(CP10k)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scl.runtime.errors import InputError
+from scl.runtime.expression import ExpressionFile, ReadOptions, open_matrix
+from scl.runtime.genes import to_symbols
+
+
+@dataclass
+class LabelledCells:
+    x: sp.csr_matrix  # aligned to the gene order, log1p(CP10k), float32
+    labels: np.ndarray  # strings
+    cell_ids: np.ndarray
+    reading: list[dict]  # what each file's reader reported
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, index) -> "LabelledCells":
+        return LabelledCells(self.x[index], self.labels[index], self.cell_ids[index], self.reading)
+
+
+def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None, need_labels: bool = True) -> LabelledCells:
+    parts, labels, ids, reading = [], [], [], []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with ExpressionFile(str(path), gene_order, options) as src:
+            if need_labels:
+                if not hasattr(src.matrix, "obs_column"):
+                    raise InputError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
+                file_labels = src.matrix.obs_column(label_key)
+                if any(label is None or label != label for label in file_labels):
+                    raise InputError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
+                labels.append(file_labels.astype(str))
+            for block_ids, x in src.blocks():
+                parts.append(sp.csr_matrix(x))
+                ids.append(block_ids)
+            reading.append(src.describe())
+    labels = np.concatenate(labels) if labels else np.array([""] * sum(p.shape[0] for p in parts))
+    return LabelledCells(sp.vstack(parts).tocsr(), labels, np.concatenate(ids).astype(str), reading)
+
+
+def gene_union(paths, options: ReadOptions | None = None) -> list[str]:
+    """The sorted union of the files' gene symbols: a gene order for a model built from them."""
+    genes: set[str] = set()
+    for path in paths:
+        matrix = open_matrix(str(path), options or ReadOptions())
+        names = matrix.var_column(options.gene_column) if options and options.gene_column else matrix.var_names
+        genes.update(map(str, to_symbols(names)[0]))
+        matrix.close()
+    return sorted(genes)
+
+
+def refuse_tiny_classes(labels: np.ndarray, where: str, minimum: int = 2) -> None:
+    names, counts = np.unique(labels, return_counts=True)
+    small = [f"{str(n)!r} ({c})" for n, c in zip(names, counts) if c < minimum]
+    if small:
+        raise InputError(
+            f"{where}: class {', '.join(small)} has fewer than {minimum} cells, too few to split and to form triplets; "
+            "remove or merge it before training."
+        )
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+    order = torch.randperm(n, generator=generator).numpy()
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def dense(x: sp.csr_matrix, index, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(x[index].toarray()).to(device)

@@ -1,0 +1,25 @@
+"""Where training runs: CUDA (with bf16 autocast) when there is one, else the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from scl.runtime.errors import InputError
+
+
+def resolve_device(wanted: str) -> torch.device:
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu or auto.")
+    if wanted not in ("cpu", "cuda"):
+        raise InputError(f"--device {wanted!r}: choose auto, cpu or cuda.")
+    return torch.device(wanted)
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,73 @@
+"""Metrics for a classifier's probabilities, the frozen-encoder baselines, and forgetting checks."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    labels = np.arange(len(classes))
+    pred = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, pred, labels=labels)
+    return {
+        "top1": float((pred == y_true).mean()),
+        "top3": float(top_k_accuracy_score(y_true, probs, k=min(3, len(classes)), labels=labels)),
+        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "classes_with_a_correct_prediction": int((np.diag(cm) > 0).sum()),
+        "per_class": {
+            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion_matrix": cm.tolist(),
+        "top_confused_pairs": top_confused_pairs(cm, classes),
+    }
+
+
+def top_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 5) -> list[dict]:
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:n]
+    pairs = [np.unravel_index(i, off.shape) for i in order]
+    return [{"true": classes[t], "predicted": classes[p], "cells": int(off[t, p])} for t, p in pairs if off[t, p] > 0]
+
+
+def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict]:
+    """A linear head on frozen embeddings, trained to convergence (lbfgs until its tolerance is met)."""
+    clf = LogisticRegression(max_iter=10000, C=10.0)
+    clf.fit(z_train, y_train)
+    return _all_columns(clf.predict_proba(z_val), clf.classes_, n_classes), {"iterations": int(clf.n_iter_.max()), "converged": bool(clf.n_iter_.max() < 10000)}
+
+
+def knn_classifier(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(z_train)), metric="cosine", weights="distance").fit(z_train, y_train)
+    return _all_columns(clf.predict_proba(z_val), clf.classes_, n_classes)
+
+
+def _all_columns(probs: np.ndarray, present: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(probs), n_classes))
+    out[:, present] = probs
+    return out
+
+
+def knn_transfer_accuracy(z: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> float:
+    """5-fold k-NN label transfer within a dataset: how well the embedding keeps its cell types apart."""
+    folds = min(5, int(np.unique(labels, return_counts=True)[1].min()))
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine")
+    return float(cross_val_score(clf, z, labels, cv=max(folds, 2)).mean())
+
+
+def mean_cosine_drift(z_before: np.ndarray, z_after: np.ndarray) -> float:
+    """Mean of 1 - cos(before, after) per cell; both are L2-normalised."""
+    return float(np.mean(1.0 - np.sum(z_before * z_after, axis=1)))

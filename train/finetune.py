@@ -1,0 +1,273 @@
+"""LoRA fine-tuning of a SCimilarity encoder with a classification head, against frozen-encoder baselines.
+
+    result = finetune(FinetuneConfig(base_model="base", data="train.h5ad", out="run"))
+
+Base weights stay frozen (BatchNorm statistics too: its layers run in eval mode), so disabling the
+adapters gives the base encoder back exactly. The frozen base decoder reconstructs the input from the
+adapted embedding; that term keeps the embedding close to the base model's (less forgetting).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from scl.runtime.errors import InputError
+from scl.runtime.expression import ReadOptions
+
+from .config import LOSSES, FinetuneConfig
+from .data import LabelledCells, batches, dense, load_labelled, refuse_tiny_classes
+from .device import autocast, resolve_device
+from .evaluate import classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
+from .losses import batch_hard_triplet_loss, semihard_triplet_loss
+from .model_dir import SCimilarityModel, load_model_dir
+from .run_dir import prepare_run_dir, write_run
+
+EVAL_BATCH = 512
+HEAD_INIT_SCALE = 10.0
+
+
+def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
+    return [name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, x: sp.csr_matrix, device: torch.device) -> np.ndarray:
+    encoder.eval()
+    parts = [encoder(dense(x, slice(i, i + EVAL_BATCH), device)).float().cpu() for i in range(0, x.shape[0], EVAL_BATCH)]
+    return torch.cat(parts).numpy()
+
+
+@torch.no_grad()
+def reconstruction_mse(decoder, z: np.ndarray, x: sp.csr_matrix, device) -> float:
+    total = 0.0
+    for i in range(0, len(z), EVAL_BATCH):
+        recon = decoder(torch.from_numpy(z[i : i + EVAL_BATCH]).to(device)).float()
+        total += F.mse_loss(recon, dense(x, slice(i, i + EVAL_BATCH), device), reduction="sum").item()
+    return total / (x.shape[0] * x.shape[1])
+
+
+def split(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
+    if config.val_data:
+        return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(cells)), test_size=config.val_fraction, stratify=cells.labels, random_state=config.seed
+    )
+    return cells.subset(np.sort(train_idx)), cells.subset(np.sort(val_idx))
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LoraClassifier:
+    """A peft-wrapped copy of the base encoder plus a linear head on the embedding."""
+
+    def __init__(self, base: SCimilarityModel, centroids: np.ndarray, config: FinetuneConfig, device):
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
+        self.encoder = get_peft_model(copy.deepcopy(base.encoder), lora).to(device)
+        self.head = torch.nn.Linear(base.latent_dim, len(centroids)).to(device)
+        with torch.no_grad():  # start as a nearest-centroid classifier: unit embeddings need large weights
+            unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+            self.head.weight.copy_(torch.from_numpy(HEAD_INIT_SCALE * unit).float())
+            self.head.bias.zero_()
+        self.decoder = copy.deepcopy(base.decoder).to(device).eval().requires_grad_(False)
+
+    def train_mode(self) -> None:
+        self.encoder.train()
+        for m in self.encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()  # the base's statistics are part of the frozen weights
+
+    def trainable_state(self) -> dict:
+        state = {k: v.detach().clone() for k, v in self.encoder.named_parameters() if v.requires_grad}
+        state.update({f"head.{k}": v.detach().clone() for k, v in self.head.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict) -> None:
+        params = dict(self.encoder.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if not k.startswith("head."):
+                    params[k].copy_(v)
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+
+    def parameter_counts(self) -> dict:
+        enc_trainable = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
+        head = sum(p.numel() for p in self.head.parameters())
+        total = sum(p.numel() for p in self.encoder.parameters()) + head
+        return {"trainable": enc_trainable + head, "lora": enc_trainable, "head": head, "total": total}
+
+    @torch.no_grad()
+    def probabilities(self, z: np.ndarray, device) -> np.ndarray:
+        return torch.softmax(self.head(torch.from_numpy(z).to(device)).float(), dim=1).cpu().numpy()
+
+
+def class_centroids(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.stack([z[y == i].mean(axis=0) for i in range(n_classes)])
+
+
+def train_lora(base, train, y_train, z_train_base, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool):
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model = LoraClassifier(base, class_centroids(z_train_base, y_train, len(classes)), config, device)
+    lora_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": lora_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
+    y_train_t = torch.from_numpy(y_train).to(device)
+    use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
+    history, best = [], (-1.0, None, 0)
+    bar = tqdm(range(config.epochs), desc=f"LoRA {loss_kind}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train_mode()
+        sums, n = np.zeros(4), 0
+        for index in batches(len(y_train), min(config.batch_size, len(y_train)), gen):
+            x = dense(train.x, index, device)
+            with autocast(device):
+                z = model.encoder(x)
+                ce = F.cross_entropy(model.head(z).float(), y_train_t[index])
+                recon = F.mse_loss(model.decoder(z).float(), x) if use_recon else torch.zeros((), device=device)
+            triplet = semihard_triplet_loss(z.float(), y_train_t[index], config.margin, gen) if use_triplet else torch.zeros((), device=device)
+            loss = ce + config.triplet_weight * triplet + config.recon_weight * recon
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sums += [loss.item(), ce.item(), triplet.item(), recon.item()]
+            n += 1
+        z_val = embed(model.encoder, val.x, device)
+        val_f1 = classification_metrics(y_val, model.probabilities(z_val, device), classes)["macro_f1"]
+        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())), "val_macro_f1": round(val_f1, 5)}
+        history.append(row)
+        bar.set_postfix(loss=row["loss"], val_f1=row["val_macro_f1"])
+        if val_f1 > best[0]:
+            best = (val_f1, model.trainable_state(), epoch + 1)
+    model.load_trainable_state(best[1])
+    return model, history, best[2]
+
+
+def sanity_checks(model: LoraClassifier, base: SCimilarityModel, val: LabelledCells, device) -> tuple[torch.nn.Module, dict, np.ndarray]:
+    """Adapters off = base; merged = adapted; adapted != base. Returns the merged encoder too."""
+    base_encoder = base.encoder.to(device)
+    z_base = embed(base_encoder, val.x, device)
+    with model.encoder.disable_adapter():
+        z_disabled = embed(model.encoder, val.x, device)
+    z_adapted = embed(model.encoder, val.x, device)
+    merged = model.encoder.merge_and_unload()
+    z_merged = embed(merged, val.x, device)
+    checks = {
+        "adapters_disabled_max_abs_diff_to_base": float(np.abs(z_disabled - z_base).max()),
+        "merged_max_abs_diff_to_adapted": float(np.abs(z_merged - z_adapted).max()),
+        "adapted_mean_cosine_drift_from_base": mean_cosine_drift(z_base, z_adapted),
+    }
+    checks["passed"] = bool(
+        checks["adapters_disabled_max_abs_diff_to_base"] == 0.0
+        and checks["merged_max_abs_diff_to_adapted"] <= 1e-5
+        and checks["adapted_mean_cosine_drift_from_base"] > 0
+    )
+    return merged, checks, z_merged
+
+
+def load_data(config: FinetuneConfig, base: SCimilarityModel):
+    options = ReadOptions(min_genes=config.min_genes)
+    cells = load_labelled(config.data, base.gene_order, config.label_key, options)
+    refuse_tiny_classes(cells.labels, config.data)
+    train, val = split(cells, config, base.gene_order, options)
+    classes = sorted(np.unique(train.labels))
+    unknown = sorted(set(val.labels) - set(classes))
+    if unknown:
+        raise InputError(f"{config.val_data}: validation labels {unknown} never occur in the training data; drop those cells or add training cells.")
+    index = {c: i for i, c in enumerate(classes)}
+    return train, val, classes, np.array([index[c] for c in train.labels]), np.array([index[c] for c in val.labels])
+
+
+def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
+    if config.loss not in LOSSES:
+        raise InputError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
+    device = resolve_device(config.device)
+    base = load_model_dir(config.base_model)
+    train, val, classes, y_train, y_val = load_data(config, base)
+    z_train_base = embed(base.encoder.to(device), train.x, device)
+    z_val_base = embed(base.encoder, val.x, device)
+    linear_probs, linear_fit = linear_probe(z_train_base, y_train, z_val_base, len(classes))
+    methods = {
+        "base+linear": classification_metrics(y_val, linear_probs, classes) | {"fit": linear_fit},
+        "base+knn": classification_metrics(y_val, knn_classifier(z_train_base, y_train, z_val_base, len(classes), config.knn_neighbors), classes),
+    }
+    base_decoder = base.decoder.to(device)
+    methods["base+linear"]["reconstruction_mse"] = methods["base+knn"]["reconstruction_mse"] = reconstruction_mse(base_decoder, z_val_base, val.x, device)
+    methods["base+linear"]["batch_hard_triplet"] = methods["base+knn"]["batch_hard_triplet"] = batch_hard_triplet_loss(torch.from_numpy(z_val_base), torch.from_numpy(y_val), config.margin).item()
+
+    runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
+    results = {}
+    for loss_kind in runs:
+        model, history, best_epoch = train_lora(base, train, y_train, z_train_base, val, y_val, classes, loss_kind, config, device, progress)
+        results[loss_kind] = (model, history, best_epoch)
+    model, history, best_epoch = results[config.loss]
+    counts = model.parameter_counts()
+    out_dir = prepare_run_dir(config.out)
+    model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
+    merged, checks, z_val = sanity_checks(model, base, val, device)
+    lora_metrics = classification_metrics(y_val, model.probabilities(z_val, device), classes)
+    lora_metrics["reconstruction_mse"] = reconstruction_mse(base_decoder, z_val, val.x, device)
+    lora_metrics["batch_hard_triplet"] = batch_hard_triplet_loss(torch.from_numpy(z_val), torch.from_numpy(y_val), config.margin).item()
+    methods["lora"] = lora_metrics
+    z_train = embed(merged, train.x, device)
+    centroids = class_centroids(z_train, y_train, len(classes))
+
+    metrics = {
+        "config": config.to_dict(),
+        "device": str(device),
+        "cells": {"train": len(train), "validation": len(val)},
+        "classes": classes,
+        "parameters": counts,
+        "best_epoch": best_epoch,
+        "history": history,
+        "sanity_checks": checks,
+        "methods": methods,
+        "genes": {k: v for k, v in train.reading[0]["genes"].items() if not k.startswith("examples")},
+        "training_data_sha256": file_digest(config.data),
+        "base_model_encoder_sha256": file_digest(str(Path(config.base_model) / "encoder.ckpt")),
+    }
+    if ablation:
+        metrics["ablation"] = ablation_rows(results, y_val, val, classes, device)
+    if config.forgetting_data:
+        metrics["forgetting"] = forgetting(config, base, merged, device)
+    tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
+    write_run(out_dir, tuned, model.head.cpu(), centroids, metrics)
+    return metrics
+
+
+def ablation_rows(results: dict, y_val, val, classes, device) -> dict:
+    rows = {}
+    for loss_kind, (model, history, best_epoch) in results.items():
+        z = embed(model.encoder, val.x, device)
+        m = classification_metrics(y_val, model.probabilities(z, device), classes)
+        rows[loss_kind] = {"macro_f1": m["macro_f1"], "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"], "best_epoch": best_epoch,
+                           "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y_val)).item(),
+                           "reconstruction_mse": reconstruction_mse(model.decoder, z, val.x, device)}
+    return rows
+
+
+def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> dict:
+    other = load_labelled(config.forgetting_data, base.gene_order, config.forgetting_label_key, ReadOptions(min_genes=config.min_genes))
+    z_base = embed(base.encoder, other.x, device)
+    z_tuned = embed(merged, other.x, device)
+    return {
+        "data": config.forgetting_data,
+        "cells": len(other),
+        "knn_transfer_accuracy_base": knn_transfer_accuracy(z_base, other.labels, config.knn_neighbors),
+        "knn_transfer_accuracy_finetuned": knn_transfer_accuracy(z_tuned, other.labels, config.knn_neighbors),
+        "mean_cosine_drift": mean_cosine_drift(z_base, z_tuned),
+    }

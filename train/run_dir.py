@@ -1,0 +1,65 @@
+"""What scl-train writes into RUN_DIR, and how scl-export reads it back.
+
+    model/          the merged encoder and the base decoder, SCimilarity format (label_ints = classes)
+    adapter/        the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
+    head.pt         {"weight", "bias", "centroids"}: the classifier and per-class embedding centroids
+    classes.json    class names in the head's order
+    metrics.json    everything measured (config, history, sanity checks, metrics per method, forgetting)
+    report.md       the same for people, with confusion_<method>.png and confused_pairs_<method>.csv
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scl.runtime.errors import InputError
+
+from .model_dir import SCimilarityModel, load_model_dir, save_model_dir
+
+
+@dataclass
+class TrainedRun:
+    model: SCimilarityModel
+    head: torch.nn.Linear
+    centroids: np.ndarray
+    classes: list[str]
+    metrics: dict
+
+
+def prepare_run_dir(path) -> Path:
+    path = Path(path)
+    if (path / "metrics.json").exists():
+        raise InputError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, metrics: dict) -> None:
+    from .report import write_report
+
+    save_model_dir(path / "model", model)
+    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(), "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32))}
+    torch.save(state, path / "head.pt")
+    (path / "classes.json").write_text(json.dumps(model.labels, indent=1) + "\n")
+    write_report(path, metrics)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")  # last: its presence marks a finished run
+
+
+def load_run(path) -> TrainedRun:
+    path = Path(path)
+    for name in ("metrics.json", "head.pt", "classes.json"):
+        if not (path / name).is_file():
+            raise InputError(f"{path}: {name} missing; give the RUN_DIR of a finished scl-train run.")
+    model = load_model_dir(path / "model")
+    state = torch.load(path / "head.pt", map_location="cpu", weights_only=True)
+    classes = json.loads((path / "classes.json").read_text())
+    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+    if len(classes) != head.out_features or head.in_features != model.latent_dim:
+        raise InputError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
+    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()))
