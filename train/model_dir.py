@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from scl.runtime.atomic import atomic_path
 from scl.runtime.errors import InputError
 
 from .nn import Decoder, Encoder
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 FILES = ("encoder.ckpt", "decoder.ckpt", "layer_sizes.json", "gene_order.tsv", "label_ints.csv")
 
 
@@ -52,15 +49,8 @@ def sizes_from_layer_sizes(layer_sizes: dict) -> tuple[list[int], int]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _write_text(path: Path, text: str) -> None:

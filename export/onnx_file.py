@@ -1,0 +1,66 @@
+"""Write the annotation model as a self-contained ONNX file with scl metadata; fp32 and dynamic int8."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from scl.runtime import model_metadata as meta
+from scl.runtime.atomic import atomic_path
+
+from .graph import AnnotationModel
+
+
+def weights_digest(model: onnx.ModelProto) -> str:
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        h.update(init.name.encode())
+        h.update(init.raw_data if init.raw_data else onnx.numpy_helper.to_array(init).tobytes())
+    return h.hexdigest()
+
+
+def save_with_metadata(model: onnx.ModelProto, values: dict, path: Path) -> None:
+    """Stamp the metadata (with this file's own weight digest) and write atomically."""
+    values = {**values, "weights_sha256": weights_digest(model)}
+    del model.metadata_props[:]
+    for key, value in meta.encode(values).items():
+        model.metadata_props.add(key=key, value=value)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        onnx.save(model, tmp)
+
+
+def export_fp32(module: AnnotationModel, n_genes: int) -> onnx.ModelProto:
+    counts = torch.rand(4, n_genes)
+    flag = torch.zeros(1)
+    cells = torch.export.Dim("cells", min=1)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" lines
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (counts, flag), input_names=[meta.INPUT_COUNTS, meta.INPUT_IS_LOGNORM], output_names=list(meta.OUTPUTS),
+            dynamic_shapes=({0: cells}, None), dynamo=True, external_data=False, verbose=False,
+        )
+    return program.model_proto
+
+
+def quantize_int8(fp32_path: Path) -> onnx.ModelProto:
+    """onnxruntime's dynamic quantization: int8 weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process applies to static quantization
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8)
+        return onnx.load(str(out))
+
+
+def random_counts(n_cells: int, n_genes: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.poisson(0.3, size=(n_cells, n_genes)).astype(np.float32)

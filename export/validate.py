@@ -1,0 +1,50 @@
+"""Every exported file checks itself against the torch model on sample cells; the result sits beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from scl.runtime import model_metadata as meta
+
+from .graph import AnnotationModel
+
+FP32_TOLERANCE = 1e-4
+
+
+def torch_outputs(module: AnnotationModel, counts: np.ndarray, is_lognorm: bool) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        probs, emb = module(torch.from_numpy(counts), torch.tensor([float(is_lognorm)]))
+    return probs.numpy(), emb.numpy()
+
+
+def onnx_outputs(path: Path, counts: np.ndarray, is_lognorm: bool) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {meta.INPUT_COUNTS: counts, meta.INPUT_IS_LOGNORM: np.array([float(is_lognorm)], dtype=np.float32)}
+    probs, emb = session.run(list(meta.OUTPUTS), feed)
+    return probs, emb
+
+
+def compare(path: Path, variant: str, module: AnnotationModel, counts: np.ndarray, sample: str) -> dict:
+    t_probs, t_emb = torch_outputs(module, counts, False)
+    o_probs, o_emb = onnx_outputs(path, counts, False)
+    lognormed = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1e-12) * 1e4).astype(np.float32)
+    o_probs_ln, _ = onnx_outputs(path, lognormed, True)
+    result = {
+        "variant": variant,
+        "sample": sample,
+        "cells": len(counts),
+        "max_abs_diff_probabilities": float(np.abs(t_probs - o_probs).max()),
+        "max_abs_diff_embedding": float(np.abs(t_emb - o_emb).max()),
+        "label_agreement": float((t_probs.argmax(1) == o_probs.argmax(1)).mean()),
+        "lognorm_input_max_abs_diff": float(np.abs(o_probs_ln - o_probs).max()),
+    }
+    result["passed"] = variant != "fp32" or (
+        result["max_abs_diff_probabilities"] <= FP32_TOLERANCE and result["max_abs_diff_embedding"] <= FP32_TOLERANCE and result["label_agreement"] == 1.0
+    )
+    Path(f"{path}.validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
