@@ -1,5 +1,116 @@
-"""scl-annotate: not built yet (issue 4)."""
+"""scl-annotate: cell types for .h5ad and CSV/TSV files with onnxruntime alone (no torch)."""
 
-from scl.runtime.cli_errors import not_built_yet
+from __future__ import annotations
 
-main = not_built_yet("scl-annotate", "issue 4")
+import glob
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .cli_errors import reports_input_errors
+from .errors import InputError
+from .expression import ReadOptions
+from .h5ad import DEFAULT_CSC_LIMIT_BYTES, MATRIX_CHOICES
+from .normalize import INPUT_KINDS
+
+
+def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
+    paths = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not found:
+            raise InputError(f"{pattern}: matches no file.")
+        paths += found
+    if shard:
+        try:
+            k, n = (int(v) for v in shard.split("/"))
+            assert 0 <= k < n
+        except (ValueError, AssertionError):
+            raise InputError(f"--shard {shard!r}: write K/N with 0 <= K < N, e.g. --shard $SLURM_ARRAY_TASK_ID/16.") from None
+        paths = paths[k::n]
+    return paths
+
+
+def output_for(path: str, output: str | None, output_dir: str | None, fmt: str | None, many: bool) -> str:
+    if output and many:
+        raise InputError("--output names one file; with several inputs use --output-dir.")
+    if output:
+        return output
+    name = Path(path).name
+    for suffix in (".gz", ".h5ad", ".csv", ".tsv", ".txt"):
+        name = name.removesuffix(suffix)
+    fmt = fmt or ("h5ad" if path.endswith(".h5ad") else "csv")
+    return str(Path(output_dir or Path(path).parent) / f"{name}.scl.{fmt}")
+
+
+def print_summary(report: dict) -> None:
+    genes = report["input"]["genes"]
+    click.echo(f"{report['input']['path']} -> {report['output']}")
+    click.echo(f"  {report['cells']:,} cells from {report['input']['matrix']} ({report['input']['input_kind']}: {report['input']['input_kind_evidence']}); "
+               f"genes matched {genes['matched']:,} of {genes['model_genes']:,}, missing {genes['model_genes_missing']:,}, input genes unused {genes['input_genes_unused']:,}")
+    click.echo(f"  {report['seconds']:.2f} s, {report['cells_per_second']:,.0f} cells/s on {report['model']['provider']}")
+    width = max(len(k) for k in report["labels"]) if report["labels"] else 5
+    for label, n in report["labels"].items():
+        click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report['cells'], 1):5.1f}%")
+
+
+@click.command(
+    epilog="""Examples:
+
+\b
+  scl-annotate pbmc.h5ad --model model.onnx                 # writes pbmc.scl.h5ad beside it
+  scl-annotate cells.csv.gz --model model.int8.onnx --output calls.csv --probabilities
+  scl-annotate 'data/*.h5ad' --model model.onnx --output-dir out --shard 3/16 --report run.json
+
+Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
+scl_novelty (cosine distance to the label's training centroid), obsm['X_scl'] (embedding) and
+uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
+)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", required=True, envvar="SCL_MODEL", type=click.Path(dir_okay=False), help="The .onnx from scl-export (or set SCL_MODEL).")
+@click.option("--output", help="Output file (.h5ad or .csv) for a single input.")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for outputs named <input>.scl.<format>.")
+@click.option("--format", "fmt", type=click.Choice(["h5ad", "csv"]), help="Output format with --output-dir; default h5ad for .h5ad inputs, csv otherwise.")
+@click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
+@click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads; default: all cores.")
+@click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
+@click.option("--gene-column", help="var column with gene symbols or Ensembl IDs; default: the var index.")
+@click.option("--input-kind", type=click.Choice(INPUT_KINDS), default="auto", show_default=True, help="counts, or lognorm for log1p(counts per 1e4).")
+@click.option("--genes-as-rows", is_flag=True, help="Text input with one gene per line.")
+@click.option("--min-genes", type=int, help="Fewest model genes an input must have.")
+@click.option("--csc-memory-limit", default=DEFAULT_CSC_LIMIT_BYTES / 1024**3, show_default=True, help="GiB a CSC matrix may take to read by cells.")
+@click.option("--batch-size", default=1024, show_default=True, help="Cells per block.")
+@click.option("--shard", help="K/N: take every N-th input starting at K (0-based), for array jobs.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@reports_input_errors
+def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, device, threads, matrix, gene_column, input_kind,
+         genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
+    """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
+    from .annotate import AnnotateOptions, annotate_file
+    from .session import AnnotationSession
+
+    paths = expand_inputs(inputs, shard)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    session = AnnotationSession(model, device, threads)
+    for note in session.notes:
+        click.echo(note, err=True)
+    read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
+                       min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
+    options = AnnotateOptions(min_confidence=min_confidence, probabilities=probabilities, progress=not quiet)
+    reports = []
+    for path in paths:
+        result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), session, read, options)
+        reports.append(result)
+        if not quiet:
+            print_summary(result)
+    if report:
+        from .atomic import atomic_path
+
+        with atomic_path(report) as tmp:
+            Path(tmp).write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1) + "\n")

@@ -1,0 +1,87 @@
+"""An scl ONNX model in an onnxruntime session: provider choice, metadata, prediction on aligned counts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import model_metadata as meta
+from .errors import InputError
+
+CUDA_UNUSABLE = "CUDA is not usable here (onnxruntime-gpu could not load its CUDA libraries, such as libcublasLt); running on the CPU."
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise InputError("onnxruntime is not installed: pip install 'scl[cpu]' (or 'scl[gpu]' for CUDA, never both).") from None
+    return onnxruntime
+
+
+@dataclass
+class Prediction:
+    probabilities: np.ndarray  # [cells, classes]
+    embedding: np.ndarray  # [cells, latent], L2-normalised
+
+
+class AnnotationSession:
+    """One onnxruntime session for an scl model; thread-safe to run from several threads."""
+
+    def __init__(self, path: str, device: str = "auto", threads: int | None = None):
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such model file; give the .onnx that scl-export wrote (--model).")
+        self.path = path
+        self.notes: list[str] = []
+        self.session = self._open(device, threads)
+        self.provider = self.session.get_providers()[0]
+        self.meta = meta.decode(self.session.get_modelmeta().custom_metadata_map, path)
+        self.gene_order: list[str] = self.meta["gene_order"]
+        self.classes: list[str] = self.meta["classes"]
+        self.centroids = np.asarray(self.meta["centroids"], dtype=np.float32)
+        self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
+
+    def _open(self, device: str, threads: int | None):
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        if device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"--device {device!r}: choose auto, cuda or cpu.")
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise InputError("--device cuda: this onnxruntime has no CUDA provider; install scl[gpu] (onnxruntime-gpu) in an environment without onnxruntime.")
+        if device != "cpu" and "CUDAExecutionProvider" in available:
+            # onnxruntime-gpu lists CUDA even when its libraries cannot load; judge by what the session got,
+            # with the provider's own error lines silenced in favour of one sentence.
+            ort.set_default_logger_severity(4)
+            options.log_severity_level = 4
+            session = self._create(ort, options, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+            ort.set_default_logger_severity(2)
+            options.log_severity_level = 2
+            if "CUDAExecutionProvider" in session.get_providers():
+                return session
+            if device == "cuda":
+                raise InputError(f"--device cuda: {CUDA_UNUSABLE.split(';')[0]}; install CUDA 12 and cuDNN 9 libraries or use --device cpu.")
+            self.notes.append(CUDA_UNUSABLE)
+            return session
+        return self._create(ort, options, ["CPUExecutionProvider"])
+
+    def _create(self, ort, options, providers):
+        try:
+            return ort.InferenceSession(self.path, options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own types for bad files
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise InputError(f"{self.path}: not a loadable ONNX model ({first}); export it again with scl-export.") from None
+
+    def predict(self, x: np.ndarray, is_lognorm: bool = False) -> Prediction:
+        feed = {meta.INPUT_COUNTS: np.ascontiguousarray(x, dtype=np.float32), meta.INPUT_IS_LOGNORM: np.array([float(is_lognorm)], dtype=np.float32)}
+        probs, emb = self.session.run(list(meta.OUTPUTS), feed)
+        return Prediction(probs, emb)
+
+    def describe(self) -> dict:
+        card = self.meta["model_card"]
+        return {"path": self.path, "provider": self.provider, "classes": self.classes, "genes": len(self.gene_order),
+                "format_version": self.meta["format_version"], "weights_sha256": self.meta["weights_sha256"], "model_card": card}
