@@ -91,7 +91,7 @@ class H5adOutput:
             else:
                 self.columns[name] = _growable(obs, name, np.float32)
         order = [str(c) for c in obs.attrs.get("column-order", []) if str(c) not in COLUMNS]
-        obs.attrs["column-order"] = np.array(order + list(COLUMNS), dtype=object)
+        obs.attrs["column-order"] = np.array(order + list(COLUMNS), dtype=STR)
         obsm = self.file.require_group("obsm")
         _attrs(obsm, "dict", "0.1.0")
         for key in ("X_scl", "scl_probabilities"):
@@ -104,7 +104,7 @@ class H5adOutput:
         _attrs(self.file, "anndata", "0.1.0")
         for name in ("obs", "var"):
             group = self.file.create_group(name)
-            _attrs(group, "dataframe", _index="_index", **{"column-order": np.array([], dtype=object)})
+            _attrs(group, "dataframe", _index="_index", **{"column-order": np.array([], dtype=STR)})
         _growable(self.file["obs"], "_index", STR)
         self.file["var"].create_dataset("_index", shape=(0,), dtype=STR).attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
         for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):

@@ -1,9 +1,6 @@
 """scl-pretrain and scl-train on real cells: real training steps, small networks, the real gene order."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -15,57 +12,7 @@ from scl.train.config import FinetuneConfig
 from scl.train.finetune import finetune
 from scl.train.model_dir import load_model_dir
 
-BIN = Path(sys.executable).parent
-
-
-def run(*args):
-    out = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True)
-    return out.returncode, out.stdout, out.stderr
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, pbmc_path, brain_path):
-    """40 PBMC cells per population split 30/10 per class, and 14 brain cells per type, as h5ad files."""
-    d = tmp_path_factory.mktemp("data")
-    pbmc = ad.read_h5ad(pbmc_path)
-    rng = np.random.default_rng(0)
-    train, val = [], []
-    for c in pbmc.obs["cell_type"].cat.categories:
-        idx = rng.permutation(np.flatnonzero(pbmc.obs["cell_type"] == c))[:40]
-        train += list(idx[:30])
-        val += list(idx[30:])
-    pbmc[sorted(train)].copy().write_h5ad(d / "train.h5ad")
-    pbmc[sorted(val)].copy().write_h5ad(d / "val.h5ad")
-    brain = ad.read_h5ad(brain_path)
-    pick = [i for c in brain.obs["cell_type"].unique() for i in np.flatnonzero(brain.obs["cell_type"] == c)[:14]]
-    brain[sorted(pick)].copy().write_h5ad(d / "brain.h5ad")
-    return d
-
-
-@pytest.fixture(scope="module")
-def base_dir(small_data, scimilarity_genes, tmp_path_factory):
-    from conftest import shared_file
-
-    out = tmp_path_factory.mktemp("base") / "base"
-    code, stdout, stderr = run("scl-pretrain", "--data", small_data / "train.h5ad", "--data", small_data / "brain.h5ad",
-                               "--gene-order", shared_file("scimilarity_gene_order.tsv"), "--out", out,
-                               "--hidden", "64,32", "--latent", "16", "--epochs", "2", "--batch-size", "64")
-    assert code == 0, stderr
-    assert "28231 genes -> [64, 32] -> 16" in stdout
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(base_dir, small_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    code, stdout, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad",
-                               "--val-data", small_data / "val.h5ad", "--forgetting-data", small_data / "brain.h5ad",
-                               "--out", out, "--epochs", "2", "--ablation")
-    assert code == 0, stderr
-    assert "trainable parameters:" in stdout and "sanity checks passed" in stdout
-    assert "LoRA" in stderr  # progress bars
-    return out
-
+from conftest import run
 
 def test_pretrained_base_loads_in_scimilarity(base_dir):
     from scimilarity import CellEmbedding

@@ -43,9 +43,9 @@ class FinetuneConfig:
     val_fraction: float = 0.2
     rank: int = 8
     alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.1
     lr: float = 1e-4
-    head_lr: float = 1e-2
+    head_lr: float = 1e-3
     epochs: int = 5
     batch_size: int = 64
     loss: str = "ce+triplet+recon"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
@@ -13,6 +16,7 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -43,11 +47,32 @@ def top_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 5) -> list[d
     return [{"true": classes[t], "predicted": classes[p], "cells": int(off[t, p])} for t, p in pairs if off[t, p] > 0]
 
 
-def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict]:
-    """A linear head on frozen embeddings, trained to convergence (lbfgs until its tolerance is met)."""
-    clf = LogisticRegression(max_iter=10000, C=10.0)
-    clf.fit(z_train, y_train)
-    return _all_columns(clf.predict_proba(z_val), clf.classes_, n_classes), {"iterations": int(clf.n_iter_.max()), "converged": bool(clf.n_iter_.max() < 10000)}
+@dataclass
+class LinearProbe:
+    probabilities: np.ndarray  # on the validation cells
+    weight: np.ndarray  # [classes, latent]: the fitted probe as one Linear layer on raw embeddings
+    bias: np.ndarray
+    fit: dict
+
+
+def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int, seed: int = 0) -> LinearProbe:
+    """Logistic regression on standardised frozen embeddings, C chosen by 5-fold CV, lbfgs to convergence.
+
+    Unit-norm embeddings have tiny per-feature scale; without standardising, any fixed C over-regularises.
+    """
+    max_iter = 10000
+    scaler = StandardScaler().fit(z_train)
+    with warnings.catch_warnings():  # scikit-learn 1.9's notices of changing defaults; scoring is set explicitly
+        warnings.simplefilter("ignore", FutureWarning)
+        clf = LogisticRegressionCV(Cs=8, cv=5, max_iter=max_iter, scoring="accuracy", random_state=seed).fit(scaler.transform(z_train), y_train)
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # two classes: sigmoid as a two-way softmax
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
+    probs = _all_columns(clf.predict_proba(scaler.transform(z_val)), clf.classes_, n_classes)
+    iterations = int(np.max(clf.n_iter_))
+    return LinearProbe(probs, weight, bias, {"C": float(np.ravel(clf.C_)[0]), "iterations": iterations, "converged": iterations < max_iter})
 
 
 def knn_classifier(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int, k: int) -> np.ndarray:

@@ -3,7 +3,8 @@
     result = finetune(FinetuneConfig(base_model="base", data="train.h5ad", out="run"))
 
 Base weights stay frozen (BatchNorm statistics too: its layers run in eval mode), so disabling the
-adapters gives the base encoder back exactly. The frozen base decoder reconstructs the input from the
+adapters gives the base encoder back exactly. The head starts as the converged linear probe of the
+base embedding (linear probing, then fine-tuning: LP-FT, Kumar et al. 2022). The frozen base decoder reconstructs the input from the
 adapted embedding; that term keeps the embedding close to the base model's (less forgetting).
 """
 
@@ -27,13 +28,12 @@ from scl.runtime.expression import ReadOptions
 from .config import LOSSES, FinetuneConfig
 from .data import LabelledCells, batches, dense, load_labelled, refuse_tiny_classes
 from .device import autocast, resolve_device
-from .evaluate import classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
+from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .run_dir import prepare_run_dir, write_run
 
 EVAL_BATCH = 512
-HEAD_INIT_SCALE = 10.0
 
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
@@ -76,21 +76,22 @@ def file_digest(path: str) -> str:
 class LoraClassifier:
     """A peft-wrapped copy of the base encoder plus a linear head on the embedding."""
 
-    def __init__(self, base: SCimilarityModel, centroids: np.ndarray, config: FinetuneConfig, device):
+    def __init__(self, base: SCimilarityModel, probe: LinearProbe, config: FinetuneConfig, device):
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
         self.encoder = get_peft_model(copy.deepcopy(base.encoder), lora).to(device)
-        self.head = torch.nn.Linear(base.latent_dim, len(centroids)).to(device)
-        with torch.no_grad():  # start as a nearest-centroid classifier: unit embeddings need large weights
-            unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-            self.head.weight.copy_(torch.from_numpy(HEAD_INIT_SCALE * unit).float())
-            self.head.bias.zero_()
+        self.head = torch.nn.Linear(base.latent_dim, len(probe.bias)).to(device)
+        with torch.no_grad():  # linear probe, then fine-tune (LP-FT): the head starts converged on the base embedding
+            self.head.weight.copy_(torch.from_numpy(probe.weight).float())
+            self.head.bias.copy_(torch.from_numpy(probe.bias).float())
         self.decoder = copy.deepcopy(base.decoder).to(device).eval().requires_grad_(False)
 
     def train_mode(self) -> None:
+        """Only the adapters train: the base's BatchNorm statistics are frozen weights, and its dropout
+        stays off so the head sees the embeddings it will see in use; LoRA dropout regularises instead."""
         self.encoder.train()
-        for m in self.encoder.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.eval()  # the base's statistics are part of the frozen weights
+        for name, m in self.encoder.named_modules():
+            if isinstance(m, torch.nn.BatchNorm1d) or (isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name):
+                m.eval()
 
     def trainable_state(self) -> dict:
         state = {k: v.detach().clone() for k, v in self.encoder.named_parameters() if v.requires_grad}
@@ -120,10 +121,10 @@ def class_centroids(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.stack([z[y == i].mean(axis=0) for i in range(n_classes)])
 
 
-def train_lora(base, train, y_train, z_train_base, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool):
+def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool):
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model = LoraClassifier(base, class_centroids(z_train_base, y_train, len(classes)), config, device)
+    model = LoraClassifier(base, probe, config, device)
     lora_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": lora_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
     y_train_t = torch.from_numpy(y_train).to(device)
@@ -200,9 +201,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     train, val, classes, y_train, y_val = load_data(config, base)
     z_train_base = embed(base.encoder.to(device), train.x, device)
     z_val_base = embed(base.encoder, val.x, device)
-    linear_probs, linear_fit = linear_probe(z_train_base, y_train, z_val_base, len(classes))
+    probe = linear_probe(z_train_base, y_train, z_val_base, len(classes), config.seed)
     methods = {
-        "base+linear": classification_metrics(y_val, linear_probs, classes) | {"fit": linear_fit},
+        "base+linear": classification_metrics(y_val, probe.probabilities, classes) | {"fit": probe.fit},
         "base+knn": classification_metrics(y_val, knn_classifier(z_train_base, y_train, z_val_base, len(classes), config.knn_neighbors), classes),
     }
     base_decoder = base.decoder.to(device)
@@ -212,7 +213,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
     results = {}
     for loss_kind in runs:
-        model, history, best_epoch = train_lora(base, train, y_train, z_train_base, val, y_val, classes, loss_kind, config, device, progress)
+        model, history, best_epoch = train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind, config, device, progress)
         results[loss_kind] = (model, history, best_epoch)
     model, history, best_epoch = results[config.loss]
     counts = model.parameter_counts()

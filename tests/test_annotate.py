@@ -1,0 +1,126 @@
+"""scl-annotate end to end: real files, every layout, outputs users open, and bad input."""
+
+import hashlib
+import json
+import shutil
+
+import anndata as ad
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+
+from scl.runtime.expression import ExpressionFile
+from scl.train.run_dir import load_run
+
+from conftest import run
+from test_readers import LAYOUTS
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def annotate(*args):
+    code, stdout, stderr = run("scl-annotate", *args, "--quiet")
+    assert code == 0, stderr
+    return stdout
+
+
+def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_dir, small_data, tmp_path):
+    val = small_data / "val.h5ad"
+    before = digest(val)
+    annotate(val, "--model", exported, "--output", tmp_path / "out.h5ad", "--probabilities", "--report", tmp_path / "r.json")
+    assert digest(val) == before  # the input is never modified
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    source = ad.read_h5ad(val)
+    assert list(out.obs_names) == list(source.obs_names) and out.shape == source.shape
+    assert list(out.obs.columns[-5:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty"]
+    assert out.obsm["X_scl"].shape == (70, 16) and out.obsm["scl_probabilities"].shape == (70, 7)
+    np.testing.assert_allclose(out.obsm["scl_probabilities"].sum(1), 1, atol=1e-5)
+    report = json.loads(out.uns["scl"]["report_json"])
+    assert report["cells"] == 70 and report == json.loads((tmp_path / "r.json").read_text())
+
+    trained = load_run(run_dir)
+    with ExpressionFile(str(val), trained.model.gene_order) as src:
+        x = np.vstack([b for _, b in src.blocks()])
+    with torch.no_grad():
+        torch_labels = trained.head(trained.model.encoder(torch.from_numpy(x))).argmax(1).numpy()
+    assert list(out.obs["scl_label"]) == [trained.classes[i] for i in torch_labels]
+    assert (out.obs["scl_label"] != out.obs["scl_second_label"]).all()
+    assert (out.obs["scl_confidence"] >= out.obs["scl_second_probability"]).all()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_gives_the_same_calls(layout, exported, pbmc_small, tmp_path):
+    LAYOUTS["csr_float32"](pbmc_small).write_h5ad(tmp_path / "ref.h5ad")
+    LAYOUTS[layout](pbmc_small).write_h5ad(tmp_path / "in.h5ad")
+    annotate(tmp_path / "ref.h5ad", "--model", exported, "--output", tmp_path / "ref.csv")
+    annotate(tmp_path / "in.h5ad", "--model", exported, "--output", tmp_path / "out.csv")
+    ref, out = pd.read_csv(tmp_path / "ref.csv"), pd.read_csv(tmp_path / "out.csv")
+    assert list(out["label"]) == list(ref["label"])
+    np.testing.assert_allclose(out["confidence"], ref["confidence"], atol=1e-4)
+
+
+def test_real_files_from_the_command_line(exported, pbmc_path, brain_path, csv_path, tmp_path):
+    stdout = run("scl-annotate", pbmc_path, brain_path, csv_path, "--model", exported, "--output-dir", tmp_path, "--format", "csv")[1]
+    assert "2,800 cells" in stdout and "466 cells" in stdout and "559 cells" in stdout and "cells/s on CPUExecutionProvider" in stdout
+    for name, n in (("pbmc_sorted_dev", 2800), ("darmanis_brain_466", 466), ("celltypist_sample_559cells", 559)):
+        table = pd.read_csv(tmp_path / f"{name}.scl.csv")
+        assert len(table) == n and table["cell_id"].is_unique
+
+
+def test_csv_input_to_h5ad_output_and_min_confidence(exported, csv_path, tmp_path):
+    annotate(csv_path, "--model", exported, "--output", tmp_path / "c.h5ad", "--min-confidence", "0.9")
+    out = ad.read_h5ad(tmp_path / "c.h5ad")
+    assert out.n_obs == 559 and out.obs_names[0] == "Cell_1" and out.n_vars == 0
+    low = out.obs["scl_confidence"] < 0.9
+    assert (out.obs["scl_label"][low] == "unassigned").all() and (out.obs["scl_label"][~low] != "unassigned").all()
+
+
+def test_collections_and_shards(exported, small_data, tmp_path):
+    for i in range(4):
+        shutil.copy(small_data / "val.h5ad", tmp_path / f"part{i}.h5ad")
+    annotate(str(tmp_path / "part*.h5ad"), "--model", exported, "--output-dir", tmp_path / "out", "--shard", "1/2")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part1.scl.h5ad", "part3.scl.h5ad"]
+
+
+def test_bad_models_and_outputs(exported, small_data, tmp_path):
+    val = small_data / "val.h5ad"
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model" * 100)
+    bare = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                                         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                                         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    onnx.save(bare, tmp_path / "bare.onnx")
+    few = ad.read_h5ad(val)[:, :500].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    (tmp_path / "a_dir.csv").mkdir()
+    cases = [
+        (["--model", tmp_path / "junk.onnx", "--output", tmp_path / "o.csv"], "not a loadable ONNX model"),
+        (["--model", tmp_path / "bare.onnx", "--output", tmp_path / "o.csv"], "without scl metadata"),
+        (["--model", tmp_path / "missing.onnx"], "no such model file"),
+        (["--model", exported, "--output", val], "would overwrite the input"),
+        (["--model", exported, "--output", tmp_path / "nowhere" / "o.csv"], "output folder does not exist"),
+        (["--model", exported, "--output", tmp_path / "o.txt"], "must end in .csv or .h5ad"),
+        (["--model", exported, "--shard", "2/2"], "--shard '2/2'"),
+    ]
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        cases.append((["--model", exported, "--device", "cuda"], "--device cuda"))
+    for args, words in cases:
+        code, _, stderr = run("scl-annotate", val, *args, "--quiet")
+        assert code == 1 and words in stderr and stderr.startswith("Error:") and len(stderr.strip().splitlines()) == 1, stderr
+    code, _, stderr = run("scl-annotate", tmp_path / "few.h5ad", "--model", exported, "--output", tmp_path / "f.csv")
+    assert code == 1 and "only" in stderr and "genes are in the input" in stderr
+    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "o.csv").exists()
+
+
+def test_a_failure_midway_leaves_nothing_behind(exported, pbmc_small, tmp_path):
+    bad = pbmc_small.copy()
+    bad.X = bad.X.tocsr()
+    bad.X.data[bad.X.indptr[100] + 1] = np.nan  # in the second block of 64 cells
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    (tmp_path / "out").mkdir()
+    code, _, stderr = run("scl-annotate", tmp_path / "bad.h5ad", "--model", exported, "--output", tmp_path / "out" / "o.h5ad", "--batch-size", "64")
+    assert code == 1 and "NaN" in stderr
+    assert list((tmp_path / "out").iterdir()) == []
