@@ -15,3 +15,9 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q
+
+demo:
+	$(BIN)/scl-demo --out demo_out
+
+benchmark:
+	$(BIN)/python benchmarks/run.py

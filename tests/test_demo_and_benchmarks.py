@@ -1,0 +1,37 @@
+"""The demo's fast variant and the benchmark suite's smoke run, so neither can rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from conftest import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fast_demo_runs_the_whole_pipeline(tmp_path):
+    code, stdout, stderr = run("scl-demo", "--out", tmp_path / "demo", "--fast")
+    assert code == 0, stderr
+    out = tmp_path / "demo"
+    for name in ("base_model/encoder.ckpt", "run/report.md", "run/confusion_lora.png", "model.onnx", "model.int8.onnx.validation.json"):
+        assert (out / name).is_file(), name
+    annotated = ad.read_h5ad(out / "pbmc_heldout.scl.h5ad")
+    assert annotated.n_obs == 210 and set(annotated.obs["scl_label"]) <= set(annotated.obs["cell_type"].cat.categories)
+    assert len(pd.read_csv(out / "unlabelled.scl.csv")) == 100
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert set(summary["methods"]) == {"base+linear", "base+knn", "lora"}
+    assert "done in" in stdout
+
+
+def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
+    assert set(result["throughput"]) == {"scimilarity_get_embeddings_torch", "scl_merged_torch", "onnxruntime_fp32_bare",
+                                         "onnxruntime_int8_bare", "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
+    assert all(r["cells_per_second"] > 0 for r in result["throughput"].values())
+    assert set(result["peak_rss_mb"]) == {"200", "400"} and (tmp_path / next(tmp_path.glob("*-smoke.json")).name.replace(".json", ".md")).is_file()
