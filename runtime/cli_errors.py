@@ -19,12 +19,3 @@ def reports_input_errors(command):
 
     return wrapper
 
-
-def not_built_yet(name: str, issue: str):
-    """A console script whose command is not built: says so and exits non-zero."""
-
-    @click.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command():
-        raise click.ClickException(f"{name} is not built yet ({issue}); nothing was done.")
-
-    return command

@@ -1,4 +1,4 @@
-"""The runtime installs and runs without torch; unbuilt commands say so."""
+"""The runtime installs and runs without torch."""
 
 import os
 import pkgutil
@@ -36,13 +36,6 @@ def test_annotate_help_runs_without_torch(tmp_path):
     out = subprocess.run([BIN / "scl-annotate", "--help"], env=without_torch(tmp_path), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Usage: scl-annotate" in out.stdout
-
-
-@pytest.mark.parametrize("command", ["scl-serve"])
-def test_unbuilt_commands_exit_non_zero_and_say_so(command):
-    out = subprocess.run([BIN / command, "x"], capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "not built yet" in out.stderr
 
 
 @pytest.mark.skipif(os.environ.get("SCL_SKIP_INSTALL_TEST") == "1", reason="SCL_SKIP_INSTALL_TEST=1")

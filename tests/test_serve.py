@@ -1,0 +1,112 @@
+"""scl-serve: the same labels as scl-annotate, clear 4xx for bad payloads, a real uvicorn process on loopback."""
+
+import json
+import socket
+import subprocess
+import time
+
+import anndata as ad
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from scl.runtime.serve import create_app
+from scl.runtime.session import AnnotationSession
+
+from conftest import BIN, run
+
+
+@pytest.fixture(scope="module")
+def cells_and_labels(exported, small_data, tmp_path_factory):
+    """Real PBMC cells (raw counts) and the labels scl-annotate gives them."""
+    out = tmp_path_factory.mktemp("serve") / "calls.csv"
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", out, "--quiet")
+    assert code == 0, stderr
+    adata = ad.read_h5ad(small_data / "val.h5ad")
+    return adata, pd.read_csv(out)
+
+
+@pytest.fixture(scope="module")
+def client(exported):
+    return TestClient(create_app(AnnotationSession(str(exported)), max_cells=100, max_body_bytes=2 * 1024**2))
+
+
+def columnar(adata, n):
+    return {"genes": list(adata.var_names), "values": adata.X[:n].toarray().tolist(), "cell_ids": list(adata.obs_names[:n]), "top_k": 2}
+
+
+def test_labels_equal_scl_annotate(client, cells_and_labels):
+    adata, calls = cells_and_labels
+    batch = client.post("/predict_batch", json=columnar(adata, 20)).json()["cells"]
+    assert [c["label"] for c in batch] == list(calls["label"][:20])
+    assert [c["cell_id"] for c in batch] == list(calls["cell_id"][:20])
+    np.testing.assert_allclose([c["confidence"] for c in batch], calls["confidence"][:20], atol=1e-4)
+    row = adata.X[0].toarray()[0]
+    expression = {g: float(v) for g, v in zip(adata.var_names, row) if v}
+    single = client.post("/predict", json={"expression": expression, "top_k": 3}).json()
+    assert single["label"] == calls["label"][0] and len(single["top"]) == 3
+    assert single["top"][0]["label"] == single["label"] and single["genes_matched"] <= single["genes_sent"] == len(expression)
+    maps = client.post("/predict_batch", json={"cells": [expression]}).json()["cells"]
+    assert maps[0]["label"] == single["label"]
+
+
+def test_metadata_endpoints(client):
+    assert client.get("/healthz").json() == {"status": "ok", "provider": "CPUExecutionProvider"}
+    assert len(client.get("/classes").json()["classes"]) == 7
+    model = client.get("/model").json()
+    assert model["genes"] == 28231 and "onnxruntime" in model["versions"]
+    assert "/predict_batch" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    ({"expression": {}}, 422, "expression"),
+    ({"expression": {"CD19": -1}}, 422, "non-negative"),
+    ({"expression": {"CD19": "many"}}, 422, "expression"),
+    ({"top_k": 3}, 422, "expression"),
+    ({"expression": {"CD19": 3}, "top_k": 0}, 422, "top_k"),
+    ({"expression": {"NOT_A_GENE": 3}}, 422, "only 0 of the model's 28231 genes"),
+    ({"expression": {"CD19": 3}, "input_kind": "tpm"}, 422, "input_kind"),
+])
+def test_bad_single_payloads(client, payload, status, words):
+    response = client.post("/predict", json=payload)
+    assert response.status_code == status and words in json.dumps(response.json()), response.json()
+
+
+def test_bad_batches_and_limits(client):
+    cases = [
+        ({"cells": [{"CD19": 1}], "genes": ["CD19"], "values": [[1]]}, 422, "either 'cells'"),
+        ({"genes": ["CD19", "CD3E"], "values": [[1]]}, 422, "one row per cell"),
+        ({"cells": [{"CD19": 1}], "cell_ids": ["a", "b"]}, 422, "'cell_ids' has 2 entries for 1 cells"),
+        ({"cells": [{"CD19": 1}] * 101}, 413, "limit is 100"),
+    ]
+    for payload, status, words in cases:
+        response = client.post("/predict_batch", json=payload)
+        assert response.status_code == status and words in json.dumps(response.json()), response.json()
+    big = client.post("/predict_batch", content=b"{" + b" " * (3 * 1024**2) + b"}", headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    broken = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 422
+
+
+def test_real_uvicorn_process_on_loopback(exported, cells_and_labels):
+    adata, calls = cells_and_labels
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        response = httpx.post(f"{base}/predict_batch", json=columnar(adata, 70), timeout=30)
+        assert response.status_code == 200
+        assert [c["label"] for c in response.json()["cells"]] == list(calls["label"])
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
