@@ -95,17 +95,17 @@ def torch_path(blocks, model, head) -> float:
 
 
 def bare_onnxruntime(path, blocks) -> float:
+    """The model alone on pre-aligned dense input: the best over batches of 256 and 1,024 cells."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     flag = np.zeros(1, np.float32)
     session.run(None, {"counts": blocks[0][:8], "input_is_lognorm": flag})
-
-    def run():
-        for x in blocks:
-            session.run(None, {"counts": x, "input_is_lognorm": flag})
-
-    return rate(run, sum(len(b) for b in blocks))
+    rates = []
+    for size in (256, 1024):
+        batches = [x[i : i + size] for x in blocks for i in range(0, len(x), size)]
+        rates.append(rate(lambda: [session.run(None, {"counts": b, "input_is_lognorm": flag}) for b in batches], sum(len(b) for b in blocks)))
+    return max(rates)
 
 
 def annotate_cli(h5ad: str, model: Path, out_dir: Path) -> dict:

@@ -63,7 +63,7 @@ def annotate_file(input_path: str, output: str, session: AnnotationSession, read
         counts, n = Counter(), 0
         lognorm = source.input_kind == "lognorm"
         bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
-        for ids, x in prefetched(source.blocks(normalise=False)):
+        for ids, x in prefetched(source.blocks(normalise=False, reuse_buffers=True)):
             pred = session.predict(x, is_lognorm=lognorm)
             calls = call_cells(pred, session.centroids, options.min_confidence)
             writer.write(ids, calls, pred.embedding, pred.probabilities)

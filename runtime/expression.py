@@ -96,19 +96,24 @@ class ExpressionFile:
             stop = min(start + size, len(self.cell_ids))
             yield self.cell_ids[start:stop], self.matrix.matrix.rows(start, stop)
 
-    def blocks(self, normalise: bool = True):
-        """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned)."""
+    def blocks(self, normalise: bool = True, reuse_buffers: bool = False):
+        """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned).
+
+        With reuse_buffers, a block's array is overwritten two blocks later: for consumers that are done
+        with a block before asking for the next but one (scl-annotate, with its one block of read-ahead).
+        """
+        ring = [np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32) for _ in range(3)] if reuse_buffers else None
         seen = set() if self.cell_ids is None else None
         if self._peeked is not None:
             first, rest = self._peeked
             stream, self._peeked = itertools.chain([first], rest), None
         else:
             stream = self._raw_blocks()
-        for ids, raw in stream:
+        for i, (ids, raw) in enumerate(stream):
             if seen is not None:
                 _refuse_duplicate_ids(ids, self.path, seen)
             check_values(raw, self.path)
-            x = aligned_dense(raw, self.alignment)
+            x = aligned_dense(raw, self.alignment, ring[i % 3] if ring else None)
             if normalise and self.input_kind == "counts":
                 lognorm(x)
             yield ids, x

@@ -65,11 +65,7 @@ class GeneAlignment:
     duplicate_input_genes: int
     missing_model_genes: list = field(repr=False)
     unused_input_genes: list = field(repr=False)
-
-    @property
-    def has_duplicates(self) -> bool:
-        used = self.model_index[self.model_index >= 0]
-        return len(np.unique(used)) != len(used)
+    has_duplicates: bool = False  # several input columns feed one model gene (their values are summed)
 
     def report(self, examples: int = 20) -> dict:
         return {
@@ -123,28 +119,35 @@ def align_genes(
         )
     missing = [g for i, g in enumerate(model_genes) if i not in taken]
     unused = [str(g) for g, m in zip(input_genes, model_index) if m < 0]
-    return GeneAlignment(model_index, len(model_genes), matched, ignoring_case, duplicates, missing, unused)
+    return GeneAlignment(model_index, len(model_genes), matched, ignoring_case, duplicates, missing, unused, duplicates > 0 and sum_duplicates)
 
 
-def aligned_dense(block, alignment: GeneAlignment) -> np.ndarray:
-    """A block of input rows (dense or SparseRows) as a dense float32 [cells, model genes] matrix."""
-    cols = alignment.model_index
+def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = None) -> np.ndarray:
+    """A block of input rows (dense or SparseRows) as a dense float32 [cells, model genes] matrix.
+
+    `buffer` (float32, at least cells * genes + 1 long) is reused when given: annotating streams millions of
+    cells, and writing into warm memory is much cheaper than page-faulting a fresh 100 MB array per block.
+    """
+    cols, n_genes = alignment.model_index, alignment.n_model_genes
+    n = block.shape[0] if isinstance(block, np.ndarray) else block.n_rows
+    trash = n * n_genes  # one slot past the matrix takes the values of unused genes, so no masking pass is needed
+    if buffer is None:
+        buffer = np.empty(trash + 1, dtype=np.float32)
+    flat = buffer[: trash + 1]
+    flat.fill(0)
+    out = flat[:trash].reshape(n, n_genes)
     if isinstance(block, np.ndarray):
-        n = block.shape[0]
-        out = np.zeros((n, alignment.n_model_genes), dtype=np.float32)
         keep = np.flatnonzero(cols >= 0)
         if alignment.has_duplicates:
             np.add.at(out, (slice(None), cols[keep]), block[:, keep])
         else:
             out[:, cols[keep]] = block[:, keep]
         return out
-    n = block.n_rows
-    out = np.zeros((n, alignment.n_model_genes), dtype=np.float32)
     target = cols[block.indices]
-    keep = target >= 0
-    rows = np.repeat(np.arange(n), np.diff(block.indptr))[keep]
+    row_start = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(block.indptr))
+    position = np.where(target >= 0, row_start + target, trash)
     if alignment.has_duplicates:
-        np.add.at(out, (rows, target[keep]), block.data[keep])
+        np.add.at(flat, position, block.data)
     else:
-        out[rows, target[keep]] = block.data[keep]
+        flat[position] = block.data
     return out
