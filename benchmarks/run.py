@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -104,7 +103,7 @@ def bare_onnxruntime(path, blocks) -> float:
     rates = []
     for size in (256, 1024):
         batches = [x[i : i + size] for x in blocks for i in range(0, len(x), size)]
-        rates.append(rate(lambda: [session.run(None, {"counts": b, "input_is_lognorm": flag}) for b in batches], sum(len(b) for b in blocks)))
+        rates.append(rate(lambda batches=batches: [session.run(None, {"counts": b, "input_is_lognorm": flag}) for b in batches], sum(len(b) for b in blocks)))
     return max(rates)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from importlib.metadata import version
 from pathlib import Path
@@ -62,6 +61,16 @@ def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]
     return random_counts(n, len(run.model.gene_order)), "random Poisson counts (no count data to sample)"
 
 
+def fp32_failure(result: dict, run) -> str:
+    text = (f"the fp32 export disagrees with torch beyond 1e-4 (probabilities {result['max_abs_diff_probabilities']:.1e}, "
+            f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was kept")
+    head_norm = float(run.head.weight.detach().norm(dim=1).max())
+    if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
+        text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
+                 "the base embedding is nearly collapsed; pretrain the base with a larger --triplet-weight (e.g. 0.1) or on more cells")
+    return text + "."
+
+
 @click.command(
     epilog="""Example:
 
@@ -79,7 +88,6 @@ writes model.onnx and model.int8.onnx, each with <file>.validation.json beside i
 @reports_input_errors
 def main(run_dir, out, quantize, sample_data, n_sample):
     """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""
-    import onnx
 
     from scl.train.run_dir import load_run
 
@@ -98,7 +106,7 @@ def main(run_dir, out, quantize, sample_data, n_sample):
     results = [compare(out, "fp32", module, counts, sample)]
     if not results[0]["passed"]:
         out.unlink()
-        raise click.ClickException(f"the fp32 export disagrees with torch beyond 1e-4 ({results[0]}); nothing was kept.")
+        raise click.ClickException(fp32_failure(results[0], run))
     if quantize == "int8":
         int8 = out.with_name(out.stem + ".int8.onnx")
         save_with_metadata(quantize_int8(out), values, int8)

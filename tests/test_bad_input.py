@@ -5,7 +5,6 @@ import shutil
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from scl.runtime.errors import InputError
 from scl.runtime.expression import ExpressionFile, ReadOptions

@@ -252,7 +252,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
 
 def ablation_rows(results: dict, y_val, val, classes, device) -> dict:
     rows = {}
-    for loss_kind, (model, history, best_epoch) in results.items():
+    for loss_kind, (model, _, best_epoch) in results.items():
         z = embed(model.encoder, val.x, device)
         m = classification_metrics(y_val, model.probabilities(z, device), classes)
         rows[loss_kind] = {"macro_f1": m["macro_f1"], "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"], "best_epoch": best_epoch,
