@@ -61,6 +61,9 @@ def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]
     return random_counts(n, len(run.model.gene_order)), "random Poisson counts (no count data to sample)"
 
 
+INT8_AGREEMENT_WARNING = 0.95
+
+
 def fp32_failure(result: dict, run) -> str:
     text = (f"the fp32 export disagrees with torch beyond 1e-4 (probabilities {result['max_abs_diff_probabilities']:.1e}, "
             f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was kept")
@@ -115,3 +118,5 @@ def main(run_dir, out, quantize, sample_data, n_sample):
         click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; vs torch on {r['cells']} cells: "
                    f"labels agree {100 * r['label_agreement']:.2f}%, max |d prob| {r['max_abs_diff_probabilities']:.2e}, "
                    f"max |d embedding| {r['max_abs_diff_embedding']:.2e}")
+        if r["variant"] == "int8" and r["label_agreement"] < INT8_AGREEMENT_WARNING:
+            click.secho(f"warning: the int8 model changes {100 * (1 - r['label_agreement']):.1f}% of labels on these cells; prefer {out.name} for this model.", fg="yellow", err=True)
