@@ -78,24 +78,26 @@ def fp32_failure(result: dict, run) -> str:
     epilog="""Example:
 
 \b
-  scl-export run --out model.onnx --quantize int8
+  scl-export run --out model.onnx --quantize int8 --fp16
 
-writes model.onnx and model.int8.onnx, each with <file>.validation.json beside it
+writes model.onnx, model.int8.onnx and model.fp16.onnx, each with <file>.validation.json beside it
 (largest difference to torch, label agreement). Annotate with: scl-annotate cells.h5ad --model model.onnx"""
 )
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The fp32 .onnx file to write.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True, help="Also write a dynamic int8 variant (<out>.int8.onnx) for CPUs.")
+@click.option("--fp16", is_flag=True, help="Also write an fp16 variant (<out>.fp16.onnx) for CUDA GPUs.")
 @click.option("--sample-data", type=click.Path(exists=True, dir_okay=False), help="Cells to validate on; default: the run's validation or training data.")
 @click.option("--sample-cells", "n_sample", default=512, show_default=True, help="How many cells to validate on.")
 @reports_input_errors
-def main(run_dir, out, quantize, sample_data, n_sample):
+def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""
+    import onnx
 
     from scl.train.run_dir import load_run
 
     from .graph import AnnotationModel
-    from .onnx_file import export_fp32, quantize_int8, save_with_metadata
+    from .onnx_file import convert_fp16, export_fp32, quantize_int8, save_with_metadata
     from .validate import compare
 
     out = Path(out)
@@ -110,11 +112,18 @@ def main(run_dir, out, quantize, sample_data, n_sample):
     if not results[0]["passed"]:
         out.unlink()
         raise click.ClickException(fp32_failure(results[0], run))
-    if quantize == "int8":
-        int8 = out.with_name(out.stem + ".int8.onnx")
-        save_with_metadata(quantize_int8(out), values, int8)
-        results.append(compare(int8, "int8", module, counts, sample))
-    for r, path in zip(results, [out] + ([int8] if quantize == "int8" else [])):
+    written = [out]
+    variants = [("int8", quantize == "int8", lambda: quantize_int8(out)), ("fp16", fp16, lambda: convert_fp16(onnx.load(str(out))))]
+    for name, wanted, make in variants:
+        if wanted:
+            path = out.with_name(f"{out.stem}.{name}.onnx")
+            save_with_metadata(make(), values, path)
+            results.append(compare(path, name, module, counts, sample))
+            written.append(path)
+    for r, path in zip(results, written):
+        if not r["validated"]:
+            click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; not validated here ({', '.join(r['providers'])}: {r['reason']})")
+            continue
         click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; vs torch on {r['cells']} cells: "
                    f"labels agree {100 * r['label_agreement']:.2f}%, max |d prob| {r['max_abs_diff_probabilities']:.2e}, "
                    f"max |d embedding| {r['max_abs_diff_embedding']:.2e}")

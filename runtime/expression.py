@@ -21,6 +21,9 @@ from .normalize import check_values, detect_input_kind, lognorm
 from .text_matrix import TextMatrix, is_text_matrix
 
 
+RING = 3  # buffers in rotation with reuse_buffers
+
+
 @dataclass
 class ReadOptions:
     matrix: str = "auto"  # h5ad: auto, X, layers/counts or raw/X (auto: raw counts where the file has them)
@@ -99,10 +102,10 @@ class ExpressionFile:
     def blocks(self, normalise: bool = True, reuse_buffers: bool = False):
         """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned).
 
-        With reuse_buffers, a block's array is overwritten two blocks later: for consumers that are done
-        with a block before asking for the next but one (scl-annotate, with its one block of read-ahead).
+        With reuse_buffers, a block's array is overwritten three blocks later: for consumers that finish a block
+        before the next but one is made (scl-annotate, whose read-ahead is one block).
         """
-        ring = [np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32) for _ in range(3)] if reuse_buffers else None
+        ring = [np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32) for _ in range(RING)] if reuse_buffers else None
         seen = set() if self.cell_ids is None else None
         if self._peeked is not None:
             first, rest = self._peeked
@@ -113,7 +116,7 @@ class ExpressionFile:
             if seen is not None:
                 _refuse_duplicate_ids(ids, self.path, seen)
             check_values(raw, self.path)
-            x = aligned_dense(raw, self.alignment, ring[i % 3] if ring else None)
+            x = aligned_dense(raw, self.alignment, ring[i % RING] if ring else None)
             if normalise and self.input_kind == "counts":
                 lognorm(x)
             yield ids, x

@@ -99,8 +99,8 @@ def run_dir(base_dir, small_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(run_dir, tmp_path_factory):
-    """model.onnx and model.int8.onnx exported from the small trained run."""
+    """model.onnx, model.int8.onnx and model.fp16.onnx exported from the small trained run."""
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    code, stdout, stderr = run("scl-export", run_dir, "--out", out, "--quantize", "int8", "--sample-cells", "70")
+    code, stdout, stderr = run("scl-export", run_dir, "--out", out, "--quantize", "int8", "--fp16", "--sample-cells", "70")
     assert code == 0, stderr
     return out

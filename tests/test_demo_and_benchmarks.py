@@ -31,7 +31,7 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
-    assert set(result["throughput"]) == {"scimilarity_get_embeddings_torch", "scl_merged_torch", "onnxruntime_fp32_bare",
+    assert set(result["throughput"]) == {"scimilarity_align_lognorm_embed_torch", "scimilarity_get_embeddings_only_torch", "scl_merged_torch", "onnxruntime_fp32_bare",
                                          "onnxruntime_int8_bare", "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
     assert all(r["cells_per_second"] > 0 for r in result["throughput"].values())
     assert set(result["peak_rss_mb"]) == {"200", "400"} and (tmp_path / next(tmp_path.glob("*-smoke.json")).name.replace(".json", ".md")).is_file()

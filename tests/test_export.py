@@ -61,3 +61,18 @@ def test_export_errors(run_dir, tmp_path):
     assert code == 1 and "metrics.json missing" in stderr
     code, _, stderr = run("scl-export", run_dir, "--out", tmp_path / "no" / "m.onnx")
     assert code == 1 and "no such directory" in stderr
+
+
+def test_fp16_variant_keeps_float32_io_and_is_validated_or_says_why(exported):
+    fp16 = exported.with_name("model.fp16.onnx")
+    model = onnx.load(str(fp16))
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT] * 2
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert fp16.stat().st_size < 0.6 * exported.stat().st_size
+    meta = model_metadata.decode({p.key: p.value for p in model.metadata_props}, str(fp16))
+    assert meta["weights_sha256"] == weights_digest(model) and len(meta["gene_order"]) == 28231
+    report = json.loads(fp16.with_name("model.fp16.onnx.validation.json").read_text())
+    if report["validated"]:
+        assert report["label_agreement"] >= 0.9 and report["max_abs_diff_embedding"] < 1e-2
+    else:
+        assert report["reason"]
