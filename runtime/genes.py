@@ -81,6 +81,18 @@ class GeneAlignment:
         }
 
 
+class GeneIndex:
+    """A model's gene order with its lookup tables, built once (a server aligns every request against it)."""
+
+    def __init__(self, genes):
+        self.genes = np.array([str(g) for g in genes], dtype=object)
+        self.exact = {g: i for i, g in enumerate(self.genes)}
+        self.folded = {g.upper(): i for i, g in enumerate(self.genes)}
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+
 def align_genes(
     input_genes,
     model_genes,
@@ -88,9 +100,8 @@ def align_genes(
     sum_duplicates: bool = True,
     source: str = "input",
 ) -> GeneAlignment:
-    model_genes = [str(g) for g in model_genes]
-    exact = {g: i for i, g in enumerate(model_genes)}
-    folded = {g.upper(): i for i, g in enumerate(model_genes)}
+    index = model_genes if isinstance(model_genes, GeneIndex) else GeneIndex(model_genes)
+    exact, folded = index.exact, index.folded
     model_index = np.full(len(input_genes), -1, dtype=np.int64)
     ignoring_case = duplicates = 0
     taken = set()
@@ -109,17 +120,19 @@ def align_genes(
         model_index[col] = target
     matched = len(taken)
     if min_overlap is None:
-        min_overlap = default_min_overlap(len(model_genes))
+        min_overlap = default_min_overlap(len(index))
     if matched < min_overlap:
         example = ", ".join(map(str, input_genes[:3]))
         raise InputError(
-            f"{source}: only {matched} of the model's {len(model_genes)} genes are in the input "
+            f"{source}: only {matched} of the model's {len(index)} genes are in the input "
             f"({len(input_genes)} genes, e.g. {example}); at least {min_overlap} are needed: use gene symbols "
             "or Ensembl IDs (--gene-column to pick a var column), or lower --min-genes."
         )
-    missing = [g for i, g in enumerate(model_genes) if i not in taken]
-    unused = [str(g) for g, m in zip(input_genes, model_index) if m < 0]
-    return GeneAlignment(model_index, len(model_genes), matched, ignoring_case, duplicates, missing, unused, duplicates > 0 and sum_duplicates)
+    is_missing = np.ones(len(index), dtype=bool)
+    is_missing[list(taken)] = False
+    missing = index.genes[is_missing].tolist()
+    unused = np.asarray(input_genes, dtype=object)[model_index < 0].astype(str).tolist()
+    return GeneAlignment(model_index, len(index), matched, ignoring_case, duplicates, missing, unused, duplicates > 0 and sum_duplicates)
 
 
 def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = None) -> np.ndarray:

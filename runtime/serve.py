@@ -1,7 +1,8 @@
 """scl's HTTP service: the annotation model behind FastAPI, on the same code path as scl-annotate.
 
 Requests are aligned with genes.align_genes/aligned_dense and normalised inside the ONNX graph, exactly
-as files are; inference runs in a worker thread on one shared onnxruntime session.
+as files are; inference runs in a worker thread on one shared onnxruntime session, concurrent requests
+micro-batched into one run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import InputError
 from .genes import align_genes, aligned_dense
 from .labels import call_cells, label_names
 from .normalize import check_values
-from .session import AnnotationSession
+from .session import AnnotationSession, Prediction
 
 InputKind = Literal["counts", "lognorm"]
 
@@ -83,8 +84,58 @@ def _matrix(batch: Batch) -> tuple[list[str], np.ndarray]:
     return genes, x
 
 
+class MicroBatcher:
+    """Runs the cells of concurrent requests through onnxruntime together.
+
+    One worker drains the queue: while a batch runs, new requests wait in the queue and the next run takes them all
+    (up to max_cells). No timer, so a lone request is not delayed. Each single-cell run streams the whole first-layer
+    weight matrix (~115 MB at SCimilarity's size), so batching is nearly free throughput under concurrency.
+    """
+
+    def __init__(self, session: AnnotationSession, max_cells: int = 2048):
+        self.session = session
+        self.max_cells = max_cells
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+
+    async def predict(self, x: np.ndarray, is_lognorm: bool) -> Prediction:
+        if self.worker is None or self.worker.done():
+            self.queue = asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, is_lognorm, future))
+        return await future
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            cells = len(batch[0][0])
+            while not self.queue.empty() and cells < self.max_cells:
+                batch.append(self.queue.get_nowait())
+                cells += len(batch[-1][0])
+            for flag in (False, True):
+                group = [item for item in batch if item[1] == flag and not item[2].done()]
+                if group:
+                    await self._run(group, flag)
+
+    async def _run(self, group: list, is_lognorm: bool) -> None:
+        try:
+            pred = await run_in_threadpool(self.session.predict, np.concatenate([x for x, _, _ in group]), is_lognorm)
+        except Exception as err:  # hand the error to every waiting request
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        start = 0
+        for x, _, future in group:
+            stop = start + len(x)
+            if not future.done():  # a request that timed out is no longer waiting
+                future.set_result(Prediction(pred.probabilities[start:stop], pred.embedding[start:stop]))
+            start = stop
+
+
 def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_bytes: int = 64 * 1024**2,
-               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True) -> FastAPI:
     app = FastAPI(title="scl annotation service", version=version("scl"), max_body_size=max_body_bytes,
                   description="Cell-type annotation with an scl ONNX model. Raw counts by default; input_kind='lognorm' for log1p(CP10k).")
     if cors_origins:
@@ -92,10 +143,14 @@ def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_byte
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"])
 
-    def annotate(genes: list[str], x: np.ndarray, input_kind: str, top_k: int, cell_ids) -> list[dict]:
+    batcher = MicroBatcher(session)
+
+    def align(genes: list[str], x: np.ndarray, input_kind: str):
         alignment = align_genes(genes, session.gene_order, min_overlap=1, sum_duplicates=input_kind == "counts", source="request")
         check_values(x, "request")
-        pred = session.predict(aligned_dense(x, alignment), is_lognorm=input_kind == "lognorm")
+        return alignment, aligned_dense(x, alignment)
+
+    def describe(pred: Prediction, alignment, x: np.ndarray, top_k: int, cell_ids) -> list[dict]:
         calls = call_cells(pred, session.centroids)
         labels = label_names(session.classes, calls.label)
         k = min(top_k, len(session.classes))
@@ -114,11 +169,19 @@ def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_byte
             })
         return results
 
+    async def annotate(genes, x, input_kind, top_k, cell_ids):
+        alignment, aligned = await run_in_threadpool(align, genes, x, input_kind)
+        if micro_batching:
+            pred = await batcher.predict(aligned, input_kind == "lognorm")
+        else:
+            pred = await run_in_threadpool(session.predict, aligned, input_kind == "lognorm")
+        return describe(pred, alignment, x, top_k, cell_ids)
+
     async def run(genes, x, input_kind, top_k, cell_ids=None) -> list[dict]:
         if len(x) > max_cells:
             raise HTTPException(413, f"{len(x)} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
         try:
-            return await asyncio.wait_for(run_in_threadpool(annotate, genes, x, input_kind, top_k, cell_ids), timeout_s)
+            return await asyncio.wait_for(annotate(genes, x, input_kind, top_k, cell_ids), timeout_s)
         except InputError as err:
             raise HTTPException(422, str(err)) from None
         except asyncio.TimeoutError:

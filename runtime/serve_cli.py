@@ -27,8 +27,9 @@ OpenAPI docs at http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host say
 @click.option("--max-body-mb", default=64, show_default=True, help="Largest request body.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds one request may run.")
 @click.option("--cors-origin", multiple=True, help="Allow browser calls from this origin (repeat); none by default.")
+@click.option("--no-micro-batching", is_flag=True, help="Run each request alone (concurrent requests are otherwise batched).")
 @reports_input_errors
-def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, cors_origin):
+def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, cors_origin, no_micro_batching):
     """Serve POST /predict, POST /predict_batch, GET /healthz, /classes, /model."""
     try:
         import uvicorn
@@ -41,5 +42,5 @@ def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, co
     session = AnnotationSession(model, device, threads)
     for note in session.notes:
         click.echo(note, err=True)
-    app = create_app(session, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin))
+    app = create_app(session, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching)
     uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="warning")

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import model_metadata as meta
 from .errors import InputError
+from .genes import GeneIndex
 
 CUDA_UNUSABLE = "CUDA is not usable here (onnxruntime-gpu could not load its CUDA libraries, such as libcublasLt); running on the CPU."
 
@@ -38,7 +39,7 @@ class AnnotationSession:
         self.session = self._open(device, threads)
         self.provider = self.session.get_providers()[0]
         self.meta = meta.decode(self.session.get_modelmeta().custom_metadata_map, path)
-        self.gene_order: list[str] = self.meta["gene_order"]
+        self.gene_order = GeneIndex(self.meta["gene_order"])  # aligned against for every file and request
         self.classes: list[str] = self.meta["classes"]
         self.centroids = np.asarray(self.meta["centroids"], dtype=np.float32)
         self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
@@ -64,7 +65,7 @@ class AnnotationSession:
             if "CUDAExecutionProvider" in session.get_providers():
                 return session
             if device == "cuda":
-                raise InputError(f"--device cuda: {CUDA_UNUSABLE.split(';')[0]}; install CUDA 12 and cuDNN 9 libraries or use --device cpu.")
+                raise InputError(f"--device cuda: {CUDA_UNUSABLE.split(';')[0]}; install the CUDA and cuDNN versions this onnxruntime-gpu build requires (onnxruntime.ai, CUDA provider requirements) or use --device cpu.")
             self.notes.append(CUDA_UNUSABLE)
             return session
         return self._create(ort, options, ["CPUExecutionProvider"])

@@ -35,3 +35,11 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
                                          "onnxruntime_int8_bare", "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
     assert all(r["cells_per_second"] > 0 for r in result["throughput"].values())
     assert set(result["peak_rss_mb"]) == {"200", "400"} and (tmp_path / next(tmp_path.glob("*-smoke.json")).name.replace(".json", ".md")).is_file()
+
+
+def test_serve_load_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-serve-smoke.json")).read_text())
+    assert [(level["micro_batching"], level["clients"]) for level in result["levels"]] == [(True, 1), (True, 16), (False, 1), (False, 16)]
+    assert all(level["requests"] == 20 and level["requests_per_second"] > 0 and level["p99_ms"] >= level["p50_ms"] for level in result["levels"])

@@ -1,0 +1,110 @@
+"""A bounded load test of scl-serve on loopback: requests/s and latency at 1 and 16 concurrent clients.
+
+    python benchmarks/serve_load.py            # real-size random model, 400 requests per level (a few minutes)
+    python benchmarks/serve_load.py --smoke    # 20 requests per level, for the tests
+
+Each request is POST /predict with one cell of ~2,500 detected genes. Traffic goes to 127.0.0.1 only; the number of
+requests is fixed, so the test stops by itself. Writes benchmarks/results/<machine>-serve.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, server: subprocess.Popen) -> None:
+    for _ in range(300):
+        if server.poll() is not None:
+            raise RuntimeError(f"scl-serve exited: {server.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("scl-serve did not answer within 30 s")
+
+
+def load(base: str, payloads: list[dict], clients: int) -> dict:
+    def one(payload) -> float:
+        t = time.perf_counter()
+        r = client.post(f"{base}/predict", json=payload)
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
+        one(payloads[0])  # warm-up
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            latencies = np.array(list(pool.map(one, payloads)))
+        elapsed = time.perf_counter() - start
+    return {"clients": clients, "requests": len(payloads), "requests_per_second": round(len(payloads) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1), "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--gene-order", default=str(HERE.parents[1] / "shared/data/scimilarity_gene_order.tsv"))
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.requests = 20
+    from run import machine_name
+    from synthetic import cell_block, random_model, write_onnx
+
+    genes = Path(args.gene_order).read_text().split()
+    rng = np.random.default_rng(0)
+    payloads = []
+    for _ in range(args.requests):
+        data, indices = cell_block(1, len(genes), 2500, rng)
+        payloads.append({"expression": {genes[i]: float(v) for i, v in zip(indices, data)}, "top_k": 3})
+    results = {"machine": machine_name(), "command": "python benchmarks/serve_load.py" + (" --smoke" if args.smoke else ""),
+               "date": time.strftime("%Y-%m-%d"), "model": "real size (28,231 genes), random weights, fp32", "levels": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, head = random_model(genes)
+        fp32, _ = write_onnx(model, head, Path(tmp) / "model.onnx")
+        for batching in (True, False):
+            port = free_port()
+            cmd = [str(Path(sys.executable).parent / "scl-serve"), "--model", str(fp32), "--port", str(port)]
+            server = subprocess.Popen(cmd + ([] if batching else ["--no-micro-batching"]), stderr=subprocess.PIPE, text=True)
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_ready(base, server)
+                results["levels"] += [load(base, payloads, clients) | {"micro_batching": batching} for clients in (1, 16)]
+            finally:
+                server.terminate()
+                server.wait(timeout=10)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / (results["machine"] + "-serve" + ("-smoke" if args.smoke else ""))
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [f"scl-serve on {results['machine']}, {results['model']}, one cell (~2,500 genes) per POST /predict; "
+             f"{results['date']}; `{results['command']}`.", "", "| micro-batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {'on' if r['micro_batching'] else 'off'} | {r['clients']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} |" for r in results["levels"]]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=1))
