@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from scl.runtime import model_metadata as meta
+from scl.runtime.normalize import lognorm
 
 from .graph import AnnotationModel
 
@@ -46,7 +47,7 @@ def compare(path: Path, variant: str, module: AnnotationModel, counts: np.ndarra
                   "reason": str(err).splitlines()[0][:300], "passed": variant != "fp32"}
         Path(f"{path}.validation.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
-    lognormed = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1e-12) * 1e4).astype(np.float32)
+    lognormed = lognorm(counts.astype(np.float32, copy=True))
     o_probs_ln, _ = onnx_outputs(path, lognormed, True, providers)
     result = {
         "variant": variant,

@@ -22,13 +22,9 @@ class CellCalls:
 
 def call_cells(pred: Prediction, centroids: np.ndarray, min_confidence: float = 0.0) -> CellCalls:
     probs = pred.probabilities
-    if probs.shape[1] > 1:
-        top2 = np.argpartition(-probs, 1, axis=1)[:, :2]
-    else:
-        top2 = np.zeros((len(probs), 2), dtype=np.int64)
-    first_is_top = probs[np.arange(len(probs)), top2[:, 0]] >= probs[np.arange(len(probs)), top2[:, 1]]
-    best = np.where(first_is_top, top2[:, 0], top2[:, 1])
-    second = np.where(first_is_top, top2[:, 1], top2[:, 0])
+    order = np.argsort(-probs, axis=1, kind="stable")  # ties go to the earlier class
+    best = order[:, 0]
+    second = order[:, 1] if probs.shape[1] > 1 else best
     rows = np.arange(len(probs))
     confidence = probs[rows, best]
     novelty = 1.0 - np.sum(pred.embedding * centroids[best], axis=1)

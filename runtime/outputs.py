@@ -86,7 +86,7 @@ class H5adOutput:
             if name in ("scl_label", "scl_second_label"):
                 group = obs.create_group(name)
                 _attrs(group, "categorical", ordered=False)
-                group.create_dataset("categories", data=categories, dtype=STR).attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+                _attrs(group.create_dataset("categories", data=categories, dtype=STR), "string-array")
                 self.columns[name] = _growable(group, "codes", np.int16)
             else:
                 self.columns[name] = _growable(obs, name, np.float32)
@@ -106,7 +106,7 @@ class H5adOutput:
             group = self.file.create_group(name)
             _attrs(group, "dataframe", _index="_index", **{"column-order": np.array([], dtype=STR)})
         _growable(self.file["obs"], "_index", STR)
-        self.file["var"].create_dataset("_index", shape=(0,), dtype=STR).attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        _attrs(self.file["var"].create_dataset("_index", shape=(0,), dtype=STR), "string-array")
         for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
             _attrs(self.file.create_group(name), "dict", "0.1.0")
 

@@ -27,23 +27,21 @@ class LabelledCells:
         return LabelledCells(self.x[index], self.labels[index], self.cell_ids[index], self.reading)
 
 
-def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None, need_labels: bool = True) -> LabelledCells:
+def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None) -> LabelledCells:
     parts, labels, ids, reading = [], [], [], []
     for path in [paths] if isinstance(paths, str) else paths:
         with ExpressionFile(str(path), gene_order, options) as src:
-            if need_labels:
-                if not hasattr(src.matrix, "obs_column"):
-                    raise InputError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
-                file_labels = src.matrix.obs_column(label_key)
-                if any(label is None or label != label for label in file_labels):
-                    raise InputError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
-                labels.append(file_labels.astype(str))
+            if not hasattr(src.matrix, "obs_column"):
+                raise InputError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
+            file_labels = src.matrix.obs_column(label_key)
+            if any(label is None or label != label for label in file_labels):
+                raise InputError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
+            labels.append(file_labels.astype(str))
             for block_ids, x in src.blocks():
                 parts.append(sp.csr_matrix(x))
                 ids.append(block_ids)
             reading.append(src.describe())
-    labels = np.concatenate(labels) if labels else np.array([""] * sum(p.shape[0] for p in parts))
-    return LabelledCells(sp.vstack(parts).tocsr(), labels, np.concatenate(ids).astype(str), reading)
+    return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading)
 
 
 def gene_union(paths, options: ReadOptions | None = None) -> list[str]:

@@ -56,6 +56,12 @@ def reconstruction_mse(decoder, z: np.ndarray, x: sp.csr_matrix, device) -> floa
     return total / (x.shape[0] * x.shape[1])
 
 
+def embedding_metrics(z: np.ndarray, y: np.ndarray, cells: LabelledCells, decoder, margin: float, device) -> dict:
+    """How well an embedding separates the labels and still reconstructs the cells (base decoder)."""
+    return {"reconstruction_mse": reconstruction_mse(decoder, z, cells.x, device),
+            "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y), margin).item()}
+
+
 def split(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
     if config.val_data:
         return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
@@ -207,8 +213,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "base+knn": classification_metrics(y_val, knn_classifier(z_train_base, y_train, z_val_base, len(classes), config.knn_neighbors), classes),
     }
     base_decoder = base.decoder.to(device)
-    methods["base+linear"]["reconstruction_mse"] = methods["base+knn"]["reconstruction_mse"] = reconstruction_mse(base_decoder, z_val_base, val.x, device)
-    methods["base+linear"]["batch_hard_triplet"] = methods["base+knn"]["batch_hard_triplet"] = batch_hard_triplet_loss(torch.from_numpy(z_val_base), torch.from_numpy(y_val), config.margin).item()
+    base_embedding = embedding_metrics(z_val_base, y_val, val, base_decoder, config.margin, device)
+    for name in methods:
+        methods[name].update(base_embedding)
 
     runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
     results = {}
@@ -220,10 +227,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     out_dir = prepare_run_dir(config.out)
     model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
     merged, checks, z_val = sanity_checks(model, base, val, device)
-    lora_metrics = classification_metrics(y_val, model.probabilities(z_val, device), classes)
-    lora_metrics["reconstruction_mse"] = reconstruction_mse(base_decoder, z_val, val.x, device)
-    lora_metrics["batch_hard_triplet"] = batch_hard_triplet_loss(torch.from_numpy(z_val), torch.from_numpy(y_val), config.margin).item()
-    methods["lora"] = lora_metrics
+    methods["lora"] = classification_metrics(y_val, model.probabilities(z_val, device), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     z_train = embed(merged, train.x, device)
     centroids = class_centroids(z_train, y_train, len(classes))
 
@@ -242,7 +246,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "base_model_encoder_sha256": file_digest(str(Path(config.base_model) / "encoder.ckpt")),
     }
     if ablation:
-        metrics["ablation"] = ablation_rows(results, y_val, val, classes, device)
+        metrics["ablation"] = ablation_rows(results, y_val, val, classes, config.margin, device)
     if config.forgetting_data:
         metrics["forgetting"] = forgetting(config, base, merged, device)
     tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
@@ -250,14 +254,13 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     return metrics
 
 
-def ablation_rows(results: dict, y_val, val, classes, device) -> dict:
+def ablation_rows(results: dict, y_val, val, classes, margin: float, device) -> dict:
     rows = {}
     for loss_kind, (model, _, best_epoch) in results.items():
         z = embed(model.encoder, val.x, device)
         m = classification_metrics(y_val, model.probabilities(z, device), classes)
         rows[loss_kind] = {"macro_f1": m["macro_f1"], "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"], "best_epoch": best_epoch,
-                           "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y_val)).item(),
-                           "reconstruction_mse": reconstruction_mse(model.decoder, z, val.x, device)}
+                           **embedding_metrics(z, y_val, val, model.decoder, margin, device)}
     return rows
 
 

@@ -42,6 +42,11 @@ class SCimilarityModel:
         return self.encoder.network[-1].out_features
 
 
+def read_gene_order(path) -> list[str]:
+    """One gene symbol per line, as in SCimilarity's gene_order.tsv."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def sizes_from_layer_sizes(layer_sizes: dict) -> tuple[list[int], int]:
     """(hidden_dim, latent_dim) exactly as scimilarity.CellEmbedding infers them."""
     weights = [layer_sizes[k] for k in sorted(layer_sizes) if "weight" in k and len(layer_sizes[k]) > 1]
@@ -105,7 +110,7 @@ def load_model_dir(path) -> SCimilarityModel:
         hidden_dim, latent_dim = sizes_from_layer_sizes(layer_sizes)
     except (ValueError, KeyError, IndexError, TypeError):
         raise InputError(f"{path / 'layer_sizes.json'}: not the encoder's {{key: shape}} JSON that SCimilarity writes.") from None
-    gene_order = [line.strip() for line in (path / "gene_order.tsv").read_text().splitlines() if line.strip()]
+    gene_order = read_gene_order(path / "gene_order.tsv")
     if len(set(gene_order)) != len(gene_order):
         raise InputError(f"{path / 'gene_order.tsv'}: holds duplicate genes; each symbol must appear once.")
 

@@ -12,13 +12,8 @@ from .config import PretrainConfig
 from .data import LabelledCells, batches, dense, gene_union, load_labelled, refuse_tiny_classes
 from .device import autocast, resolve_device
 from .losses import semihard_triplet_loss
-from .model_dir import SCimilarityModel, save_model_dir
+from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
 from .nn import Decoder, Encoder
-
-
-def read_gene_order(path: str) -> list[str]:
-    with open(path) as fh:
-        return [line.strip() for line in fh if line.strip()]
 
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, list[dict]]:
