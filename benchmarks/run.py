@@ -5,7 +5,8 @@
 
 Writes benchmarks/results/<machine>.json and .md. Paths compared (all on the same generated CSR cells):
 SCimilarity's CellEmbedding.get_embeddings + the head in torch (on its align_dataset + lognorm_counts output),
-scl's merged torch model, bare onnxruntime fp32 and int8 (pre-aligned dense input), and scl-annotate end to end.
+scl's merged torch model, bare onnxruntime fp32 and int8 (pre-aligned dense input, as counts for the graph to
+normalise and already normalised), and scl-annotate end to end.
 SCimilarity's in-memory path is timed with and without its align_dataset + lognorm_counts steps; scl's torch and
 onnxruntime graphs normalise inside. Shares of the matmul peak for int8 are fp32-equivalent (int8 can exceed 100%).
 """
@@ -106,12 +107,13 @@ def torch_path(blocks, model, head) -> float:
     return rate(run, sum(len(b) for b in blocks))
 
 
-def bare_onnxruntime(path, blocks) -> float:
-    """The model alone on pre-aligned dense input: the best over batches of 256 and 1,024 cells."""
+def bare_onnxruntime(path, blocks, lognorm_input: bool = False) -> float:
+    """The model alone on pre-aligned dense input: the best over batches of 256 and 1,024 cells. With
+    lognorm_input the blocks are already normalised and the graph's normalisation branch is skipped."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    flag = np.zeros(1, np.float32)
+    flag = np.full(1, float(lognorm_input), np.float32)
     session.run(None, {"counts": blocks[0][:8], "input_is_lognorm": flag})
     rates = []
     for size in (256, 1024):
@@ -144,6 +146,7 @@ def main(argv=None) -> dict:
         args.cells, args.memory_cells = 300, "200,400"
     from synthetic import random_model, write_csr_h5ad, write_onnx
 
+    from scl.runtime.normalize import lognorm
     from scl.train.model_dir import save_model_dir
 
     genes = Path(args.gene_order).read_text().split()
@@ -165,6 +168,10 @@ def main(argv=None) -> dict:
             "onnxruntime_fp32_bare": bare_onnxruntime(fp32, blocks),
             "onnxruntime_int8_bare": bare_onnxruntime(int8, blocks),
         }
+        for x in blocks:
+            lognorm(x)
+        paths["onnxruntime_fp32_bare_lognorm_input"] = bare_onnxruntime(fp32, blocks, lognorm_input=True)
+        paths["onnxruntime_int8_bare_lognorm_input"] = bare_onnxruntime(int8, blocks, lognorm_input=True)
         del blocks
         e2e = {name: annotate_cli(h5ad, path, tmp) for name, path in (("fp32", fp32), ("int8", int8))}
         paths["scl_annotate_fp32_end_to_end"] = e2e["fp32"]["cells_per_second"]
@@ -174,7 +181,10 @@ def main(argv=None) -> dict:
         base = paths["scimilarity_align_lognorm_embed_torch"]
         results["throughput"] = {name: {"cells_per_second": round(v, 1), "ratio_to_scimilarity": round(v / base, 2),
                                         "share_of_matmul_peak": round(v * mflop / 1e3 / peak, 3)} for name, v in paths.items()}
-        results["end_to_end_vs_bare"] = {k: round(paths[f"scl_annotate_{k}_end_to_end"] / paths[f"onnxruntime_{k}_bare"], 3) for k in ("fp32", "int8")}
+        # scl-annotate normalises each block's nonzeros itself and feeds the graph normalised input, so it is held
+        # against the faster of the two bare runs.
+        results["end_to_end_vs_bare"] = {k: round(paths[f"scl_annotate_{k}_end_to_end"] / max(paths[f"onnxruntime_{k}_bare"], paths[f"onnxruntime_{k}_bare_lognorm_input"]), 3)
+                                         for k in ("fp32", "int8")}
         results["matmul_peak_gflops"] = round(peak, 1)
         results["model_mflop_per_cell"] = round(mflop, 1)
         memory = {}
@@ -199,7 +209,7 @@ def write_results(results: dict, out: Path, smoke: bool) -> None:
              "| path | cells/s | vs SCimilarity (align + lognorm + embed) | share of matmul peak |", "|---|---|---|---|"]
     for name, r in results["throughput"].items():
         lines.append(f"| {name} | {r['cells_per_second']:,.0f} | {r['ratio_to_scimilarity']:.2f}x | {100 * r['share_of_matmul_peak']:.0f}% |")
-    lines += ["", f"End to end vs bare onnxruntime: fp32 {results['end_to_end_vs_bare']['fp32']:.2f}, int8 {results['end_to_end_vs_bare']['int8']:.2f}. "
+    lines += ["", f"End to end vs the faster bare onnxruntime run: fp32 {results['end_to_end_vs_bare']['fp32']:.2f}, int8 {results['end_to_end_vs_bare']['int8']:.2f}. "
               f"Dense matmul peak {results['matmul_peak_gflops']} GFLOP/s; model {results['model_mflop_per_cell']} MFLOP per cell.",
               "Peak RSS of scl-annotate (int8): " + ", ".join(f"{int(k):,} cells {v:,.0f} MB" for k, v in results["peak_rss_mb"].items())
               + f" (ratio {results['peak_rss_ratio_largest_to_smallest']})."]

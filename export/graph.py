@@ -2,6 +2,10 @@
 
 counts aligned to the gene order -> total counts to 1e4 and log1p (skipped when input_is_lognorm is 1)
 -> merged encoder -> L2-normalised embedding -> linear head -> softmax.
+
+The choice between the two inputs is a torch.cond, exported as an ONNX If: only the branch taken runs. A
+torch.where over both costs five passes over the dense [cells, 28231] input, which measured 45% of the fp32
+model's time and 64% of int8's.
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ class AnnotationModel(torch.nn.Module):
         self.head = head.eval()
 
     def forward(self, counts: torch.Tensor, input_is_lognorm: torch.Tensor):
-        totals = counts.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        normalised = torch.log1p(counts / totals * TARGET_SUM)
-        x = torch.where(input_is_lognorm > 0.5, counts, normalised)
+        x = torch.cond(input_is_lognorm[0] > 0.5, _as_given, _lognorm, (counts,))
         embedding = self.encoder(x)  # SCimilarity's encoder ends with F.normalize
         probabilities = F.softmax(self.head(embedding), dim=1)
         return probabilities, embedding
+
+
+def _lognorm(counts: torch.Tensor) -> torch.Tensor:
+    scale = TARGET_SUM / counts.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.log1p(counts * scale)
+
+
+def _as_given(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # torch.cond's branches may not return an input itself

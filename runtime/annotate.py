@@ -1,16 +1,19 @@
 """Annotate one input file into one output file, streaming blocks of cells through the model.
 
-The next block is read and aligned in a second thread while the current one runs in onnxruntime
-(which releases the GIL), so reading costs little on top of inference.
+The file is read in the calling thread; each block is then aligned, normalised and run through the model in
+one of `workers` threads, each with a one-thread onnxruntime run (it releases the GIL). On 2 cores this
+measured 1.3-1.4x the throughput of one reader thread feeding one two-thread run: a two-thread matmul
+stalls whenever the reader takes one of its cores, while independent runs just share them.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,20 +27,37 @@ from .session import AnnotationSession
 from .text_matrix import is_text_matrix
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class AnnotateOptions:
     min_confidence: float = 0.0
     probabilities: bool = False
     progress: bool = True
+    workers: int = field(default_factory=available_cores)  # blocks in flight at once
 
 
-def prefetched(iterator):
-    """Yield the items of `iterator`, producing the next one in a worker thread meanwhile."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(next, iterator, None)
-        while (item := future.result()) is not None:
-            future = pool.submit(next, iterator, None)
-            yield item
+def annotated_blocks(source: ExpressionFile, session: AnnotationSession, options: AnnotateOptions):
+    """(cell ids, Prediction, Calls) for each block, in file order, with at most workers + 1 blocks in memory."""
+    local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
+
+    def annotate_block(ids, raw):
+        if not hasattr(local, "buffer"):
+            local.buffer = source.block_buffer()
+        x = source.dense(raw, normalise=True, buffer=local.buffer)
+        pred = session.predict(x, is_lognorm=True)  # normalised above, on the nonzeros, not densely in the graph
+        return ids, pred, call_cells(pred, session.centroids, options.min_confidence)
+
+    with ThreadPoolExecutor(max_workers=options.workers) as pool:
+        pending = deque()
+        for ids, raw in source.raw_blocks():
+            pending.append(pool.submit(annotate_block, ids, raw))
+            if len(pending) > options.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def check_output_path(input_path: str, output: str) -> None:
@@ -61,11 +81,8 @@ def annotate_file(input_path: str, output: str, session: AnnotationSession, read
         else:
             writer = CsvOutput(tmp, session.classes, options.probabilities)
         counts, n = Counter(), 0
-        lognorm = source.input_kind == "lognorm"
         bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
-        for ids, x in prefetched(source.blocks(normalise=False, reuse_buffers=True)):
-            pred = session.predict(x, is_lognorm=lognorm)
-            calls = call_cells(pred, session.centroids, options.min_confidence)
+        for ids, pred, calls in annotated_blocks(source, session, options):
             writer.write(ids, calls, pred.embedding, pred.probabilities)
             counts.update(label_names(session.classes, calls.label))
             n += len(ids)
@@ -75,7 +92,7 @@ def annotate_file(input_path: str, output: str, session: AnnotationSession, read
         report = {
             "input": source.describe(),
             "output": output,
-            "model": session.describe() | {"notes": session.notes},
+            "model": session.describe() | {"notes": session.notes, "parallel_blocks": options.workers},
             "cells": n,
             "labels": dict(counts.most_common()),
             "min_confidence": options.min_confidence,

@@ -76,7 +76,7 @@ uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
 @click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="onnxruntime intra-op threads; default: all cores.")
+@click.option("--threads", type=int, help="Blocks annotated at once, each on one core; default: all cores.")
 @click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
 @click.option("--gene-column", help="var column with gene symbols or Ensembl IDs; default: the var index.")
 @click.option("--input-kind", type=click.Choice(INPUT_KINDS), default="auto", show_default=True, help="counts, or lognorm for log1p(counts per 1e4).")
@@ -91,18 +91,19 @@ uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
 def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, device, threads, matrix, gene_column, input_kind,
          genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
-    from .annotate import AnnotateOptions, annotate_file
+    from .annotate import AnnotateOptions, annotate_file, available_cores
     from .session import AnnotationSession
 
     paths = expand_inputs(inputs, shard)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-    session = AnnotationSession(model, device, threads)
+    session = AnnotationSession(model, device, threads=1)  # blocks run in parallel instead (annotate.py says why)
     for note in session.notes:
         click.echo(note, err=True)
+    workers = 2 if session.provider == "CUDAExecutionProvider" else threads or available_cores()  # on CUDA: prepare one block while the GPU runs another
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, probabilities=probabilities, progress=not quiet)
+    options = AnnotateOptions(min_confidence=min_confidence, probabilities=probabilities, progress=not quiet, workers=workers)
     reports = []
     for path in paths:
         result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), session, read, options)

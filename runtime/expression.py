@@ -4,6 +4,8 @@
     for cell_ids, x in source.blocks(normalise=True):   # x: float32 [cells, model genes]
         ...
 
+scl-annotate splits the two steps: raw_blocks() reads (in one thread), dense() aligns (in several).
+
 Training and the runtime both read through here, so they see identical numbers.
 """
 
@@ -17,11 +19,8 @@ import numpy as np
 from .errors import InputError
 from .genes import GeneAlignment, align_genes, aligned_dense, looks_like_ensembl, to_symbols
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile
-from .normalize import check_values, detect_input_kind, lognorm
+from .normalize import check_values, detect_input_kind
 from .text_matrix import TextMatrix, is_text_matrix
-
-
-RING = 3  # buffers in rotation with reuse_buffers
 
 
 @dataclass
@@ -99,27 +98,33 @@ class ExpressionFile:
             stop = min(start + size, len(self.cell_ids))
             yield self.cell_ids[start:stop], self.matrix.matrix.rows(start, stop)
 
-    def blocks(self, normalise: bool = True, reuse_buffers: bool = False):
-        """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned).
-
-        With reuse_buffers, a block's array is overwritten three blocks later: for consumers that finish a block
-        before the next but one is made (scl-annotate, whose read-ahead is one block).
-        """
-        ring = [np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32) for _ in range(RING)] if reuse_buffers else None
+    def raw_blocks(self):
+        """(cell ids, the block as stored): dense rows or SparseRows, not yet checked or aligned."""
         seen = set() if self.cell_ids is None else None
         if self._peeked is not None:
             first, rest = self._peeked
             stream, self._peeked = itertools.chain([first], rest), None
         else:
             stream = self._raw_blocks()
-        for i, (ids, raw) in enumerate(stream):
+        for ids, raw in stream:
             if seen is not None:
                 _refuse_duplicate_ids(ids, self.path, seen)
-            check_values(raw, self.path)
-            x = aligned_dense(raw, self.alignment, ring[i % RING] if ring else None)
-            if normalise and self.input_kind == "counts":
-                lognorm(x)
-            yield ids, x
+            yield ids, raw
+
+    def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None) -> np.ndarray:
+        """A raw block checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
+        `buffer` (see aligned_dense) is overwritten."""
+        check_values(raw, self.path)
+        return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
+
+    def block_buffer(self) -> np.ndarray:
+        """Room for one dense block, for dense(buffer=...)."""
+        return np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32)
+
+    def blocks(self, normalise: bool = True):
+        """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned)."""
+        for ids, raw in self.raw_blocks():
+            yield ids, self.dense(raw, normalise)
 
     def describe(self) -> dict:
         return {

@@ -16,12 +16,13 @@ import gzip
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 
 import numpy as np
 
 from .errors import InputError
+from .normalize import TARGET_SUM, lognorm
 
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 SCIMILARITY_GENES = 28231
@@ -66,6 +67,31 @@ class GeneAlignment:
     missing_model_genes: list = field(repr=False)
     unused_input_genes: list = field(repr=False)
     has_duplicates: bool = False  # several input columns feed one model gene (their values are summed)
+
+    @cached_property
+    def all_input_genes_used(self) -> bool:
+        return bool((self.model_index >= 0).all())
+
+    @cached_property
+    def used_input_genes(self) -> np.ndarray:
+        return (self.model_index >= 0).astype(np.float32)
+
+    @cached_property
+    def spare_column(self) -> int | None:
+        """A model gene no input gene feeds: unused input genes are written there, and it is zeroed after."""
+        if self.all_input_genes_used or not self.missing_model_genes:
+            return None
+        fed = np.zeros(self.n_model_genes, dtype=bool)
+        fed[self.model_index[self.model_index >= 0]] = True
+        return int(np.flatnonzero(~fed)[0])
+
+    @cached_property
+    def scatter_columns(self) -> np.ndarray:
+        """model_index as int32, with unused input genes sent to the spare column when there is one."""
+        cols = self.model_index.astype(np.int32)
+        if self.spare_column is not None:
+            cols[cols < 0] = self.spare_column
+        return cols
 
     def report(self, examples: int = 20) -> dict:
         return {
@@ -135,32 +161,72 @@ def align_genes(
     return GeneAlignment(model_index, len(index), matched, ignoring_case, duplicates, missing, unused, duplicates > 0 and sum_duplicates)
 
 
-def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = None) -> np.ndarray:
+def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = None, lognormalise: bool = False) -> np.ndarray:
     """A block of input rows (dense or SparseRows) as a dense float32 [cells, model genes] matrix.
 
+    With `lognormalise`, log1p(counts per 1e4) over the model's genes. A sparse block is normalised on its
+    nonzeros before they are spread out (a tenth of the values the dense matrix has).
     `buffer` (float32, at least cells * genes + 1 long) is reused when given: annotating streams millions of
     cells, and writing into warm memory is much cheaper than page-faulting a fresh 100 MB array per block.
     """
-    cols, n_genes = alignment.model_index, alignment.n_model_genes
     n = block.shape[0] if isinstance(block, np.ndarray) else block.n_rows
-    trash = n * n_genes  # one slot past the matrix takes the values of unused genes, so no masking pass is needed
+    cells_x_genes = n * alignment.n_model_genes
     if buffer is None:
-        buffer = np.empty(trash + 1, dtype=np.float32)
-    flat = buffer[: trash + 1]
+        buffer = np.empty(cells_x_genes + 1, dtype=np.float32)
+    flat = buffer[: cells_x_genes + 1]  # one slot past the matrix takes values that must go nowhere
     flat.fill(0)
-    out = flat[:trash].reshape(n, n_genes)
+    out = flat[:cells_x_genes].reshape(n, alignment.n_model_genes)
+    if isinstance(block, np.ndarray) or alignment.has_duplicates:
+        _scatter_summing(block, alignment, out, flat)
+        return lognorm(out) if lognormalise else out
+    _scatter_sparse(block, alignment, flat, lognormalise)
+    if alignment.spare_column is not None:
+        out[:, alignment.spare_column] = 0
+    return out
+
+
+def _scatter_summing(block, alignment: GeneAlignment, out: np.ndarray, flat: np.ndarray) -> None:
+    """Dense input, or several input genes for one model gene (their values are added)."""
+    cols = alignment.model_index
     if isinstance(block, np.ndarray):
         keep = np.flatnonzero(cols >= 0)
         if alignment.has_duplicates:
             np.add.at(out, (slice(None), cols[keep]), block[:, keep])
         else:
             out[:, cols[keep]] = block[:, keep]
-        return out
+        return
     target = cols[block.indices]
-    row_start = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(block.indptr))
-    position = np.where(target >= 0, row_start + target, trash)
-    if alignment.has_duplicates:
-        np.add.at(flat, position, block.data)
-    else:
-        flat[position] = block.data
-    return out
+    row_start = np.repeat(np.arange(block.n_rows, dtype=np.int64) * out.shape[1], np.diff(block.indptr))
+    np.add.at(flat, np.where(target >= 0, row_start + target, len(flat) - 1), block.data)
+
+
+def _scatter_sparse(block, alignment: GeneAlignment, flat: np.ndarray, lognormalise: bool) -> None:
+    """One model gene per input gene: each value has one place. int32 indices and `take` are about 5x faster
+    than numpy's int64 fancy indexing here, and this runs for every cell annotated."""
+    n, n_genes = block.n_rows, alignment.n_model_genes
+    dtype = np.int32 if len(flat) < 2**31 else np.int64
+    per_row = np.diff(block.indptr)
+    target = alignment.scatter_columns.take(block.indices).astype(dtype, copy=False)
+    values = data = block.data.astype(np.float32, copy=False)
+    if lognormalise:
+        kept = data if alignment.all_input_genes_used else data * alignment.used_input_genes.take(block.indices)
+        totals = _row_sums(kept, block.indptr)
+        scale = np.divide(TARGET_SUM, totals, out=np.zeros(n), where=totals > 0).astype(np.float32)
+        values = np.repeat(scale, per_row)
+        values *= data
+        values += 1
+        np.log(values, out=values)  # log(1 + x) as the graph computes it; numpy's log is vectorised, its log1p 4x slower
+    position = np.repeat(np.arange(0, n * n_genes, n_genes, dtype=dtype), per_row)
+    position += target
+    if alignment.spare_column is None and not alignment.all_input_genes_used:
+        position[target < 0] = len(flat) - 1  # every model gene is present: no spare column to park unused genes in
+    flat[position] = values
+
+
+def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """float64 sums per CSR row; reduceat is fast but gives an empty row the next row's first value."""
+    if len(values) == 0:
+        return np.zeros(len(indptr) - 1)
+    sums = np.add.reduceat(values, np.minimum(indptr[:-1], len(values) - 1), dtype=np.float64)
+    sums[indptr[1:] == indptr[:-1]] = 0
+    return sums

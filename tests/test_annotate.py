@@ -31,7 +31,8 @@ def annotate(*args):
 def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_dir, small_data, tmp_path):
     val = small_data / "val.h5ad"
     before = digest(val)
-    annotate(val, "--model", exported, "--output", tmp_path / "out.h5ad", "--probabilities", "--report", tmp_path / "r.json")
+    # small blocks, three in flight at once: the calls must still come back in the file's order
+    annotate(val, "--model", exported, "--output", tmp_path / "out.h5ad", "--probabilities", "--report", tmp_path / "r.json", "--batch-size", "16", "--threads", "3")
     assert digest(val) == before  # the input is never modified
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     source = ad.read_h5ad(val)
