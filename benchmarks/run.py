@@ -1,14 +1,19 @@
-"""scl's benchmark suite: throughput and memory side by side in one run, at SCimilarity's real size.
+"""scl's benchmark suite: throughput, memory, accuracy and training cost, side by side in one run.
 
-    python benchmarks/run.py                 # full: 50,000 cells; memory at 50,000 and 200,000 (about 15 min, 6 GB disk)
-    python benchmarks/run.py --smoke         # seconds; what the tests run so the script cannot rot
+    python benchmarks/run.py            # full: 50,000 cells; memory at 50,000 and 200,000; real-size training (about 20 min, 6 GB disk)
+    python benchmarks/run.py --smoke    # tiny sizes, about a minute; what the tests run so the suite cannot rot
 
-Writes benchmarks/results/<machine>.json and .md. Paths compared (all on the same generated CSR cells):
-SCimilarity's CellEmbedding.get_embeddings + the head in torch (on its align_dataset + lognorm_counts output),
-scl's merged torch model, bare onnxruntime fp32 and int8 (pre-aligned dense input, as counts for the graph to
-normalise and already normalised), and scl-annotate end to end.
-SCimilarity's in-memory path is timed with and without its align_dataset + lognorm_counts steps; scl's torch and
-onnxruntime graphs normalise inside. Shares of the matmul peak for int8 are fp32-equivalent (int8 can exceed 100%).
+Writes benchmarks/results/<machine>.json and .md (the README's tables come from the .md). Needs ../shared/data
+(--data). Sections:
+- Throughput at SCimilarity's real size (28,231 genes -> 1024 -> 1024 -> 128, random weights) on one generated
+  CSR h5ad: SCimilarity's align_dataset + lognorm_counts + CellEmbedding.get_embeddings + the head in torch (and
+  get_embeddings alone), scl's merged torch model, bare onnxruntime fp32 and int8 (pre-aligned dense input, as
+  counts for the graph to normalise and already normalised), and scl-annotate end to end from the file. Shares
+  of the matmul peak for int8 are fp32-equivalent (int8 can exceed 100%).
+- Peak RSS of scl-annotate at two sizes.
+- Accuracy on the real held-out PBMCs (benchmarks/accuracy.py): torch against onnxruntime fp32, int8 and fp16,
+  and CellTypist trained on the same cells.
+- Training cost, LoRA against full fine-tuning (benchmarks/training_cost.py).
 """
 
 from __future__ import annotations
@@ -107,18 +112,34 @@ def torch_path(blocks, model, head) -> float:
     return rate(run, sum(len(b) for b in blocks))
 
 
-def bare_onnxruntime(path, blocks, lognorm_input: bool = False) -> float:
-    """The model alone on pre-aligned dense input: the best over batches of 256 and 1,024 cells. With
-    lognorm_input the blocks are already normalised and the graph's normalisation branch is skipped."""
+def bare_onnxruntime(path, blocks, lognorm_input: bool = False, provider: str = "CPUExecutionProvider") -> float:
+    """The model alone on pre-aligned dense input, the best of: one session using every core on batches of 256
+    and 1,024 cells, and (on the CPU) one-thread runs of 256 cells side by side, one per core (scl-annotate's
+    layout). With lognorm_input the blocks are already normalised and the graph skips its normalisation."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     flag = np.full(1, float(lognorm_input), np.float32)
-    session.run(None, {"counts": blocks[0][:8], "input_is_lognorm": flag})
-    rates = []
-    for size in (256, 1024):
-        batches = [x[i : i + size] for x in blocks for i in range(0, len(x), size)]
-        rates.append(rate(lambda batches=batches: [session.run(None, {"counts": b, "input_is_lognorm": flag}) for b in batches], sum(len(b) for b in blocks)))
+    n = sum(len(b) for b in blocks)
+
+    def batches(size):
+        return [x[i : i + size] for x in blocks for i in range(0, len(x), size)]
+
+    def session(threads=None):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        s = ort.InferenceSession(str(path), options, providers=[provider])
+        s.run(None, {"counts": blocks[0][:8], "input_is_lognorm": flag})
+        return s
+
+    shared = session()
+    rates = [rate(lambda b=batches(size): [shared.run(None, {"counts": x, "input_is_lognorm": flag}) for x in b], n) for size in (256, 1024)]
+    if provider == "CPUExecutionProvider":
+        from concurrent.futures import ThreadPoolExecutor
+
+        single = session(threads=1)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            rates.append(rate(lambda b=batches(256): list(pool.map(lambda x: single.run(None, {"counts": x, "input_is_lognorm": flag}), b)), n))
     return max(rates)
 
 
@@ -134,68 +155,103 @@ def annotate_cli(h5ad: str, model: Path, out_dir: Path) -> dict:
     return {"cells_per_second": result["cells_per_second"], "wall_seconds": round(wall, 2), "peak_rss_mb": int(done.stdout.split()[-1]) / 1024}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=50000)
-    parser.add_argument("--memory-cells", default="50000,200000")
-    parser.add_argument("--gene-order", default=str(HERE.parents[1] / "shared/data/scimilarity_gene_order.tsv"))
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.cells, args.memory_cells = 300, "200,400"
+def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
     from synthetic import random_model, write_csr_h5ad, write_onnx
 
     from scl.runtime.normalize import lognorm
     from scl.train.model_dir import save_model_dir
 
-    genes = Path(args.gene_order).read_text().split()
+    model, head = random_model(genes)
+    save_model_dir(tmp / "model_dir", model)
+    fp32, int8 = write_onnx(model, head, tmp / "model.onnx")
+    h5ad = str(tmp / "cells.h5ad")
+    write_csr_h5ad(h5ad, genes, cells)
+    blocks = dense_blocks(h5ad, genes, 1024)
+    sc_full, sc_embed = scimilarity_path(h5ad, str(tmp / "model_dir"), head, genes)
+    paths = {
+        "scimilarity_align_lognorm_embed_torch": sc_full,
+        "scimilarity_get_embeddings_only_torch": sc_embed,
+        "scl_merged_torch": torch_path(blocks, model, head),
+        "onnxruntime_fp32_bare": bare_onnxruntime(fp32, blocks),
+        "onnxruntime_int8_bare": bare_onnxruntime(int8, blocks),
+    }
+    for x in blocks:
+        lognorm(x)
+    paths["onnxruntime_fp32_bare_lognorm_input"] = bare_onnxruntime(fp32, blocks, lognorm_input=True)
+    paths["onnxruntime_int8_bare_lognorm_input"] = bare_onnxruntime(int8, blocks, lognorm_input=True)
+    del blocks
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        paths[f"scl_annotate_{name}_end_to_end"] = annotate_cli(h5ad, path, tmp)["cells_per_second"]
+    peak = matmul_gflops()
+    mflop = model_mflop_per_cell(len(genes), len(model.labels))
+    base = paths["scimilarity_align_lognorm_embed_torch"]
+    return {
+        "paths": {name: {"cells_per_second": round(v, 1), "ratio_to_scimilarity": round(v / base, 2), "share_of_matmul_peak": round(v * mflop / 1e3 / peak, 3)}
+                  for name, v in paths.items()},
+        # scl-annotate normalises each block's nonzeros itself and feeds the graph normalised input: it is held
+        # against the faster of the two bare runs.
+        "end_to_end_vs_bare": {k: round(paths[f"scl_annotate_{k}_end_to_end"] / max(paths[f"onnxruntime_{k}_bare"], paths[f"onnxruntime_{k}_bare_lognorm_input"]), 3)
+                               for k in ("fp32", "int8")},
+        "matmul_peak_gflops": round(peak, 1),
+        "model_mflop_per_cell": round(mflop, 1),
+        "h5ad": h5ad,
+    }
+
+
+def peak_memory(genes: list[str], sizes: list[int], tmp: Path) -> dict:
+    from synthetic import write_csr_h5ad
+
+    memory = {}
+    for n in sizes:
+        path = str(tmp / f"mem{n}.h5ad")
+        write_csr_h5ad(path, genes, n, seed=n)
+        memory[n] = annotate_cli(path, tmp / "model.int8.onnx", tmp)["peak_rss_mb"]
+        os.unlink(path)
+    return {"peak_rss_mb": {str(k): round(v, 1) for k, v in memory.items()}, "ratio_largest_to_smallest": round(memory[max(sizes)] / memory[min(sizes)], 3)}
+
+
+def cuda_device() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return "CUDA (name unknown without torch)"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=50000)
+    parser.add_argument("--memory-cells", default="50000,200000")
+    parser.add_argument("--data", default=str(HERE.parents[1] / "shared/data"), help="the shared data folder (PBMC, brain, gene order)")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cells, args.memory_cells = 300, "200,400"
+    from accuracy import celltypist_comparison, onnx_parity, split_pbmc, train_and_export
+    from training_cost import compare as training_cost
+
+    data = Path(args.data)
+    gene_order = str(data / "scimilarity_gene_order.tsv")
+    genes = Path(gene_order).read_text().split()
     results = {"machine": machine_name(), "cores": os.cpu_count(), "cells": args.cells, "genes": len(genes), "detected_genes_per_cell": 2500,
-               "command": "python benchmarks/run.py" + (" --smoke" if args.smoke else ""), "date": time.strftime("%Y-%m-%d")}
+               "command": "python benchmarks/run.py" + (" --smoke" if args.smoke else ""), "date": time.strftime("%Y-%m-%d"), "cuda_device": cuda_device()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, head = random_model(genes)
-        save_model_dir(tmp / "model_dir", model)
-        fp32, int8 = write_onnx(model, head, tmp / "model.onnx")
-        h5ad = str(tmp / "cells.h5ad")
-        write_csr_h5ad(h5ad, genes, args.cells)
-        blocks = dense_blocks(h5ad, genes, 1024)
-        sc_full, sc_embed = scimilarity_path(h5ad, str(tmp / "model_dir"), head, genes)
-        paths = {
-            "scimilarity_align_lognorm_embed_torch": sc_full,
-            "scimilarity_get_embeddings_only_torch": sc_embed,
-            "scl_merged_torch": torch_path(blocks, model, head),
-            "onnxruntime_fp32_bare": bare_onnxruntime(fp32, blocks),
-            "onnxruntime_int8_bare": bare_onnxruntime(int8, blocks),
-        }
-        for x in blocks:
-            lognorm(x)
-        paths["onnxruntime_fp32_bare_lognorm_input"] = bare_onnxruntime(fp32, blocks, lognorm_input=True)
-        paths["onnxruntime_int8_bare_lognorm_input"] = bare_onnxruntime(int8, blocks, lognorm_input=True)
-        del blocks
-        e2e = {name: annotate_cli(h5ad, path, tmp) for name, path in (("fp32", fp32), ("int8", int8))}
-        paths["scl_annotate_fp32_end_to_end"] = e2e["fp32"]["cells_per_second"]
-        paths["scl_annotate_int8_end_to_end"] = e2e["int8"]["cells_per_second"]
-        peak = matmul_gflops()
-        mflop = model_mflop_per_cell(len(genes), len(model.labels))
-        base = paths["scimilarity_align_lognorm_embed_torch"]
-        results["throughput"] = {name: {"cells_per_second": round(v, 1), "ratio_to_scimilarity": round(v / base, 2),
-                                        "share_of_matmul_peak": round(v * mflop / 1e3 / peak, 3)} for name, v in paths.items()}
-        # scl-annotate normalises each block's nonzeros itself and feeds the graph normalised input, so it is held
-        # against the faster of the two bare runs.
-        results["end_to_end_vs_bare"] = {k: round(paths[f"scl_annotate_{k}_end_to_end"] / max(paths[f"onnxruntime_{k}_bare"], paths[f"onnxruntime_{k}_bare_lognorm_input"]), 3)
-                                         for k in ("fp32", "int8")}
-        results["matmul_peak_gflops"] = round(peak, 1)
-        results["model_mflop_per_cell"] = round(mflop, 1)
-        memory = {}
-        for n in (int(v) for v in args.memory_cells.split(",")):
-            path = str(tmp / f"mem{n}.h5ad")
-            write_csr_h5ad(path, genes, n, seed=n)
-            memory[n] = annotate_cli(path, int8, tmp)["peak_rss_mb"]
-            os.unlink(path)
-        results["peak_rss_mb"] = {str(k): round(v, 1) for k, v in memory.items()}
-        sizes = sorted(memory)
-        results["peak_rss_ratio_largest_to_smallest"] = round(memory[sizes[-1]] / memory[sizes[0]], 3)
+        results["throughput"] = throughput(genes, args.cells, tmp)
+        results["memory"] = peak_memory(genes, [int(v) for v in args.memory_cells.split(",")], tmp)
+        train, val = split_pbmc(str(data / "pbmc_sorted_dev.h5ad"), tmp, cells=300 if args.smoke else None)
+        run_dir, models = train_and_export(train, val, str(data / "darmanis_brain_466.h5ad"), gene_order, tmp, args.smoke)
+        results["accuracy"] = onnx_parity(run_dir, models, val)
+        results["celltypist"] = celltypist_comparison(train, val, results["throughput"].pop("h5ad"), min(args.cells, 20000))
+        results["training_cost"] = training_cost(str(tmp / "base"), train, val, epochs=1 if args.smoke else 2)
+    if results["cuda_device"] is None:
+        results["cuda"] = "no usable CUDA device on this machine: the CUDA and fp16 rows were not measured"
     write_results(results, Path(args.out), args.smoke)
     return results
 
@@ -204,16 +260,43 @@ def write_results(results: dict, out: Path, smoke: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (results["machine"] + ("-smoke" if smoke else ""))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = [f"Machine {results['machine']}, {results['cells']:,} cells x {results['genes']:,} genes (CSR, 2,500 detected per cell), "
-             f"{results['date']}; `{results['command']}`.", "",
+    stem.with_suffix(".md").write_text(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    t, acc, ct, cost = r["throughput"], r["accuracy"], r["celltypist"], r["training_cost"]
+    lines = [f"Machine {r['machine']} ({r['cores']} cores), {r['date']}; `{r['command']}`. CUDA: {r['cuda_device'] or 'none (not measured)'}.", "",
+             f"**Throughput**: {r['cells']:,} cells x {r['genes']:,} genes (CSR, 2,500 detected per cell), random weights at SCimilarity's size.", "",
              "| path | cells/s | vs SCimilarity (align + lognorm + embed) | share of matmul peak |", "|---|---|---|---|"]
-    for name, r in results["throughput"].items():
-        lines.append(f"| {name} | {r['cells_per_second']:,.0f} | {r['ratio_to_scimilarity']:.2f}x | {100 * r['share_of_matmul_peak']:.0f}% |")
-    lines += ["", f"End to end vs the faster bare onnxruntime run: fp32 {results['end_to_end_vs_bare']['fp32']:.2f}, int8 {results['end_to_end_vs_bare']['int8']:.2f}. "
-              f"Dense matmul peak {results['matmul_peak_gflops']} GFLOP/s; model {results['model_mflop_per_cell']} MFLOP per cell.",
-              "Peak RSS of scl-annotate (int8): " + ", ".join(f"{int(k):,} cells {v:,.0f} MB" for k, v in results["peak_rss_mb"].items())
-              + f" (ratio {results['peak_rss_ratio_largest_to_smallest']})."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    for name, p in t["paths"].items():
+        lines.append(f"| {name} | {p['cells_per_second']:,.0f} | {p['ratio_to_scimilarity']:.2f}x | {100 * p['share_of_matmul_peak']:.0f}% |")
+    mem = r["memory"]
+    lines += ["", f"End to end vs the faster bare onnxruntime run: fp32 {t['end_to_end_vs_bare']['fp32']:.2f}, int8 {t['end_to_end_vs_bare']['int8']:.2f}. "
+              f"Dense matmul peak {t['matmul_peak_gflops']} GFLOP/s; model {t['model_mflop_per_cell']} MFLOP per cell. "
+              "Peak RSS of scl-annotate (int8): " + ", ".join(f"{int(k):,} cells {v:,.0f} MB" for k, v in mem["peak_rss_mb"].items())
+              + f" (ratio {mem['ratio_largest_to_smallest']}).", "",
+              f"**Accuracy** on {acc['cells']} held-out PBMCs (real cells, 7 sorted populations; {acc['provider']}):", "",
+              "| model | macro-F1 | labels equal to torch | max abs embedding difference |", "|---|---|---|---|"]
+    for name, v in acc["variants"].items():
+        if "skipped" in v:
+            lines.append(f"| {name} | skipped: {v['skipped']} | | |")
+        else:
+            lines.append(f"| {name} | {v['macro_f1']:.3f} | {100 * v['label_agreement_with_torch']:.1f}% | {v['max_abs_diff_embedding']:.1e} |")
+    e2e = t["paths"]["scl_annotate_fp32_end_to_end"]["cells_per_second"]
+    lines.append(f"| CellTypist {ct['version']} ({ct['method']}, scikit-learn {ct['scikit_learn']}) | {ct['macro_f1']:.3f} | | |")
+    lines += ["", f"CellTypist annotates {ct['cells_per_second']:,.0f} cells/s on {ct['throughput_cells']:,} of the throughput cells "
+              f"(normalise + annotate in memory; {ct['features']:,} genes); scl-annotate fp32 {e2e:,.0f} cells/s from the file "
+              f"({e2e / ct['cells_per_second']:.2f}x).", "",
+              "**Training cost**: LoRA against full fine-tuning of the encoder, same data, losses and batches:", "",
+              "| method | lr | trainable parameters | s per epoch | peak RSS MB | RSS growth in training MB | best val macro-F1 |", "|---|---|---|---|---|---|---|"]
+    for name, m in cost["methods"].items():
+        lines.append(f"| {name} | {m['lr']:g} | {m['trainable_parameters']:,} of {m['total_parameters']:,} | {m['seconds_per_epoch']:.1f} | {m['peak_rss_mb']:,.0f} | "
+                     f"{m['peak_rss_mb'] - m['rss_before_training_mb']:,.0f} | {m['best_val_macro_f1']:.3f} |")
+    ratio = cost["lora_vs_full"]
+    lines += ["", f"LoRA / full: parameters {ratio['trainable_parameters']:.4f}, time per epoch {ratio['seconds_per_epoch']:.2f}, "
+              f"peak RSS {ratio['peak_rss']:.2f}, RSS growth in training {ratio['training_rss_growth']:.2f} "
+              f"({cost['methods']['lora']['device']}, {cost['methods']['lora']['cells']:,} cells, {cost['methods']['lora']['epochs']} epochs)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

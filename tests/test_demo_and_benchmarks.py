@@ -31,10 +31,21 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
-    assert set(result["throughput"]) == {"scimilarity_align_lognorm_embed_torch", "scimilarity_get_embeddings_only_torch", "scl_merged_torch", "onnxruntime_fp32_bare",
-                                         "onnxruntime_int8_bare", "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
-    assert all(r["cells_per_second"] > 0 for r in result["throughput"].values())
-    assert set(result["peak_rss_mb"]) == {"200", "400"} and (tmp_path / next(tmp_path.glob("*-smoke.json")).name.replace(".json", ".md")).is_file()
+    paths = result["throughput"]["paths"]
+    assert set(paths) == {"scimilarity_align_lognorm_embed_torch", "scimilarity_get_embeddings_only_torch", "scl_merged_torch", "onnxruntime_fp32_bare",
+                          "onnxruntime_int8_bare", "onnxruntime_fp32_bare_lognorm_input", "onnxruntime_int8_bare_lognorm_input",
+                          "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
+    assert all(r["cells_per_second"] > 0 for r in paths.values())
+    assert set(result["memory"]["peak_rss_mb"]) == {"200", "400"}
+    variants = result["accuracy"]["variants"]
+    assert set(variants) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "onnxruntime_fp16"}
+    assert variants["onnxruntime_fp32"]["label_agreement_with_torch"] == 1.0 and variants["onnxruntime_fp32"]["max_abs_diff_embedding"] < 1e-4
+    assert 0 < result["celltypist"]["macro_f1"] <= 1 and result["celltypist"]["cells_per_second"] > 0
+    cost = result["training_cost"]["methods"]
+    assert cost["lora"]["trainable_parameters"] < cost["full"]["trainable_parameters"]
+    assert all(m["seconds_per_epoch"] > 0 and m["peak_rss_mb"] >= m["rss_before_training_mb"] * 0.5 for m in cost.values())
+    table = next(tmp_path.glob("*-smoke.md")).read_text()
+    assert "CellTypist 1.7.1" in table and "| full |" in table and "onnxruntime_int8" in table
 
 
 def test_serve_load_smoke_run(tmp_path, scimilarity_genes):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,17 @@ class LoraClassifier:
     """A peft-wrapped copy of the base encoder plus a linear head on the embedding."""
 
     def __init__(self, base: SCimilarityModel, probe: LinearProbe, config: FinetuneConfig, device):
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
-        self.encoder = get_peft_model(copy.deepcopy(base.encoder), lora).to(device)
+        self.encoder = self.trainable_encoder(base, config).to(device)
         self.head = torch.nn.Linear(base.latent_dim, len(probe.bias)).to(device)
         with torch.no_grad():  # linear probe, then fine-tune (LP-FT): the head starts converged on the base embedding
             self.head.weight.copy_(torch.from_numpy(probe.weight).float())
             self.head.bias.copy_(torch.from_numpy(probe.bias).float())
         self.decoder = copy.deepcopy(base.decoder).to(device).eval().requires_grad_(False)
+
+    @staticmethod
+    def trainable_encoder(base: SCimilarityModel, config: FinetuneConfig) -> torch.nn.Module:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
+        return get_peft_model(copy.deepcopy(base.encoder), lora)
 
     def train_mode(self) -> None:
         """Only the adapters train: the base's BatchNorm statistics are frozen weights, and its dropout
@@ -123,23 +128,35 @@ class LoraClassifier:
         return torch.softmax(self.head(torch.from_numpy(z).to(device)).float(), dim=1).cpu().numpy()
 
 
+class FullFinetuneClassifier(LoraClassifier):
+    """Every encoder weight trains (no adapters): what LoRA is measured against in benchmarks/training_cost.py."""
+
+    @staticmethod
+    def trainable_encoder(base: SCimilarityModel, config: FinetuneConfig) -> torch.nn.Module:
+        return copy.deepcopy(base.encoder).requires_grad_(True)
+
+    def parameter_counts(self) -> dict:
+        return super().parameter_counts() | {"lora": 0, "encoder": sum(p.numel() for p in self.encoder.parameters())}
+
+
 def class_centroids(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.stack([z[y == i].mean(axis=0) for i in range(n_classes)])
 
 
-def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool):
+def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool,
+               classifier=LoraClassifier):
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model = LoraClassifier(base, probe, config, device)
-    lora_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam([{"params": lora_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
+    model = classifier(base, probe, config, device)
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
     y_train_t = torch.from_numpy(y_train).to(device)
     use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
     history, best = [], (-1.0, None, 0)
     bar = tqdm(range(config.epochs), desc=f"LoRA {loss_kind}", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train_mode()
-        sums, n = np.zeros(4), 0
+        sums, n, started = np.zeros(4), 0, time.perf_counter()
         for index in batches(len(y_train), min(config.batch_size, len(y_train)), gen):
             x = dense(train.x, index, device)
             with autocast(device):
@@ -153,9 +170,10 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
             optimizer.step()
             sums += [loss.item(), ce.item(), triplet.item(), recon.item()]
             n += 1
+        train_seconds = time.perf_counter() - started
         z_val = embed(model.encoder, val.x, device)
         val_f1 = classification_metrics(y_val, model.probabilities(z_val, device), classes)["macro_f1"]
-        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())), "val_macro_f1": round(val_f1, 5)}
+        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())), "val_macro_f1": round(val_f1, 5), "train_seconds": round(train_seconds, 2)}
         history.append(row)
         bar.set_postfix(loss=row["loss"], val_f1=row["val_macro_f1"])
         if val_f1 > best[0]:
