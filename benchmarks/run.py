@@ -143,10 +143,11 @@ def bare_onnxruntime(path, blocks, lognorm_input: bool = False, provider: str = 
     return max(rates)
 
 
-def annotate_cli(h5ad: str, model: Path, out_dir: Path) -> dict:
+def annotate_cli(h5ad: str, model: Path, out_dir: Path, device: str = "cpu") -> dict:
     """scl-annotate in its own process; its report's cells/s and the process's peak RSS."""
     report = out_dir / "report.json"
-    cmd = [str(Path(sys.executable).parent / "scl-annotate"), h5ad, "--model", str(model), "--output", str(out_dir / "calls.csv"), "--quiet", "--report", str(report)]
+    cmd = [str(Path(sys.executable).parent / "scl-annotate"), h5ad, "--model", str(model), "--output", str(out_dir / "calls.csv"), "--quiet",
+           "--report", str(report), "--device", device]
     probe = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
@@ -163,7 +164,7 @@ def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
 
     model, head = random_model(genes)
     save_model_dir(tmp / "model_dir", model)
-    fp32, int8 = write_onnx(model, head, tmp / "model.onnx")
+    fp32, int8, fp16 = write_onnx(model, head, tmp / "model.onnx")
     h5ad = str(tmp / "cells.h5ad")
     write_csr_h5ad(h5ad, genes, cells)
     blocks = dense_blocks(h5ad, genes, 1024)
@@ -179,6 +180,10 @@ def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
         lognorm(x)
     paths["onnxruntime_fp32_bare_lognorm_input"] = bare_onnxruntime(fp32, blocks, lognorm_input=True)
     paths["onnxruntime_int8_bare_lognorm_input"] = bare_onnxruntime(int8, blocks, lognorm_input=True)
+    if cuda_device():  # fp16 is for CUDA; the blocks are normalised by now
+        for name, path in (("fp32", fp32), ("fp16", fp16)):
+            paths[f"onnxruntime_{name}_cuda_bare_lognorm_input"] = bare_onnxruntime(path, blocks, lognorm_input=True, provider="CUDAExecutionProvider")
+            paths[f"scl_annotate_{name}_cuda_end_to_end"] = annotate_cli(h5ad, path, tmp, device="cuda")["cells_per_second"]
     del blocks
     for name, path in (("fp32", fp32), ("int8", int8)):
         paths[f"scl_annotate_{name}_end_to_end"] = annotate_cli(h5ad, path, tmp)["cells_per_second"]

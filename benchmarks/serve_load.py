@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
                "date": time.strftime("%Y-%m-%d"), "model": "real size (28,231 genes), random weights, fp32", "levels": []}
     with tempfile.TemporaryDirectory() as tmp:
         model, head = random_model(genes)
-        fp32, _ = write_onnx(model, head, Path(tmp) / "model.onnx")
+        fp32, *_ = write_onnx(model, head, Path(tmp) / "model.onnx")
         for batching in (True, False):
             port = free_port()
             cmd = [str(Path(sys.executable).parent / "scl-serve"), "--model", str(fp32), "--port", str(port)]

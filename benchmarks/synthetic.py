@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import onnx
 import torch
 
 from scl.export.graph import AnnotationModel
-from scl.export.onnx_file import export_fp32, quantize_int8, save_with_metadata
+from scl.export.onnx_file import convert_fp16, export_fp32, quantize_int8, save_with_metadata
 from scl.train.model_dir import SCimilarityModel
 from scl.train.nn import Decoder, Encoder
 
@@ -28,9 +29,10 @@ def write_onnx(model: SCimilarityModel, head, path) -> tuple:
               "model_card": {"name": "random weights for benchmarks"}, "centroids": np.eye(len(model.labels), 128).tolist()}
     module = AnnotationModel(model.encoder, head).eval()
     save_with_metadata(export_fp32(module, len(model.gene_order)), values, path)
-    int8 = path.with_name(path.stem + ".int8.onnx")
+    int8, fp16 = path.with_name(path.stem + ".int8.onnx"), path.with_name(path.stem + ".fp16.onnx")
     save_with_metadata(quantize_int8(path), values, int8)
-    return path, int8
+    save_with_metadata(convert_fp16(onnx.load(str(path))), values, fp16)
+    return path, int8, fp16
 
 
 def cell_block(n: int, n_genes: int, detected: int, rng) -> tuple[np.ndarray, np.ndarray]:
