@@ -75,8 +75,8 @@ def main(out, fast, seed):
     size = dict(hidden_dim=[256, 128], latent_dim=32, epochs=2) if fast else dict(epochs=15)
     # SCimilarity's triplet weight (0.001) suits millions of cells; on a thousand, reconstruction dominates and the
     # embedding collapses into a narrow cone (per-feature std ~0.002), which makes any classifier on it ill-conditioned.
-    # On the PBMC + brain cells 0.5 measured: per-feature std 0.018 (0.1: 0.006), linear probe macro-F1 0.917 (0.1: 0.885)
-    # with weight row norms of 13 (0.1: ~3,400, large enough for float rounding to move probabilities by 1e-4).
+    # 0.1 still left this demo's base narrow (per-feature std 0.006, probe row norms ~3,400: float rounding then moves
+    # probabilities by 1e-4); 0.5 on the full PBMC split + brain cells: std 0.018, row norms 13 (README, scl-pretrain).
     pretrain(PretrainConfig(data=[train, demo_file("brain_demo.h5ad")], out=str(out / "base_model"), gene_order=demo_file("scimilarity_gene_order.tsv"),
                             triplet_weight=0.5, seed=seed, **size))
 
