@@ -22,14 +22,12 @@ def split_pbmc(pbmc: str, out: Path, seed: int = 0, cells: int | None = None) ->
     import anndata as ad
     from sklearn.model_selection import train_test_split
 
+    from scl.train.data import write_stratified_split
+
     adata = ad.read_h5ad(pbmc)
     if cells:  # smoke runs: a stratified subset
         adata = adata[np.sort(train_test_split(np.arange(adata.n_obs), train_size=cells, stratify=adata.obs["cell_type"], random_state=seed)[0])]
-    train, val = train_test_split(np.arange(adata.n_obs), test_size=0.2, stratify=adata.obs["cell_type"], random_state=seed)
-    paths = str(out / "pbmc_train.h5ad"), str(out / "pbmc_val.h5ad")
-    adata[np.sort(train)].copy().write_h5ad(paths[0])
-    adata[np.sort(val)].copy().write_h5ad(paths[1])
-    return paths
+    return write_stratified_split(adata, (str(out / "pbmc_train.h5ad"), str(out / "pbmc_val.h5ad")), test_size=0.2, seed=seed)
 
 
 def train_and_export(train: str, val: str, brain: str, gene_order: str, out: Path, smoke: bool) -> tuple[Path, dict]:

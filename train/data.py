@@ -74,3 +74,13 @@ def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool
 
 def dense(x: sp.csr_matrix, index, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(x[index].toarray()).to(device)
+
+
+def write_stratified_split(adata, paths: tuple[str, str], test_size: float, seed: int, label_key: str = "cell_type") -> tuple[str, str]:
+    """Split an AnnData by label (stratified), writing the training and held-out cells as two h5ad files."""
+    from sklearn.model_selection import train_test_split
+
+    train, held_out = train_test_split(np.arange(adata.n_obs), test_size=test_size, stratify=adata.obs[label_key], random_state=seed)
+    for path, index in zip(paths, (train, held_out)):
+        adata[np.sort(index)].copy().write_h5ad(path)
+    return paths

@@ -24,15 +24,11 @@ def demo_file(name: str) -> str:
 
 def split_pbmc(out: Path, seed: int) -> tuple[str, str]:
     import anndata as ad
-    import numpy as np
-    from sklearn.model_selection import train_test_split
 
-    pbmc = ad.read_h5ad(demo_file("pbmc_demo.h5ad"))
-    train, val = train_test_split(np.arange(pbmc.n_obs), test_size=0.25, stratify=pbmc.obs["cell_type"], random_state=seed)
+    from .data import write_stratified_split
+
     paths = str(out / "pbmc_train.h5ad"), str(out / "pbmc_heldout.h5ad")
-    pbmc[np.sort(train)].copy().write_h5ad(paths[0])
-    pbmc[np.sort(val)].copy().write_h5ad(paths[1])
-    return paths
+    return write_stratified_split(ad.read_h5ad(demo_file("pbmc_demo.h5ad")), paths, test_size=0.25, seed=seed)
 
 
 def step(title: str) -> None:
