@@ -193,9 +193,11 @@ def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
     return {
         "paths": {name: {"cells_per_second": round(v, 1), "ratio_to_scimilarity": round(v / base, 2), "share_of_matmul_peak": round(v * mflop / 1e3 / peak, 3)}
                   for name, v in paths.items()},
-        # scl-annotate normalises each block's nonzeros itself and feeds the graph normalised input: it is held
-        # against the faster of the two bare runs.
-        "end_to_end_vs_bare": {k: round(paths[f"scl_annotate_{k}_end_to_end"] / max(paths[f"onnxruntime_{k}_bare"], paths[f"onnxruntime_{k}_bare_lognorm_input"]), 3)
+        # The exported model is run bare on counts (its input as exported) and on normalised rows (its
+        # normalisation skipped). scl-annotate normalises each block's nonzeros itself and feeds normalised rows,
+        # so the second is the stricter measure of what reading and aligning cost.
+        "end_to_end_vs_bare": {k: {kind: round(paths[f"scl_annotate_{k}_end_to_end"] / paths[f"onnxruntime_{k}_bare{suffix}"], 3)
+                                   for kind, suffix in (("counts_input", ""), ("lognorm_input", "_lognorm_input"))}
                                for k in ("fp32", "int8")},
         "matmul_peak_gflops": round(peak, 1),
         "model_mflop_per_cell": round(mflop, 1),
@@ -276,7 +278,10 @@ def markdown(r: dict) -> str:
     for name, p in t["paths"].items():
         lines.append(f"| {name} | {p['cells_per_second']:,.0f} | {p['ratio_to_scimilarity']:.2f}x | {100 * p['share_of_matmul_peak']:.0f}% |")
     mem = r["memory"]
-    lines += ["", f"End to end vs the faster bare onnxruntime run: fp32 {t['end_to_end_vs_bare']['fp32']:.2f}, int8 {t['end_to_end_vs_bare']['int8']:.2f}. "
+    vs = t["end_to_end_vs_bare"]
+    lines += ["", f"scl-annotate end to end vs the bare model fed counts: fp32 {vs['fp32']['counts_input']:.2f}, int8 {vs['int8']['counts_input']:.2f}; "
+              f"vs the bare model fed normalised rows (stricter: scl-annotate normalises outside the graph): fp32 {vs['fp32']['lognorm_input']:.2f}, "
+              f"int8 {vs['int8']['lognorm_input']:.2f}. "
               f"Dense matmul peak {t['matmul_peak_gflops']} GFLOP/s; model {t['model_mflop_per_cell']} MFLOP per cell. "
               "Peak RSS of scl-annotate (int8): " + ", ".join(f"{int(k):,} cells {v:,.0f} MB" for k, v in mem["peak_rss_mb"].items())
               + f" (ratio {mem['ratio_largest_to_smallest']}).", "",

@@ -119,7 +119,7 @@ class ExpressionFile:
 
     def block_buffer(self) -> np.ndarray:
         """Room for one dense block, for dense(buffer=...)."""
-        return np.empty(self.options.block_size * self.alignment.n_model_genes + 1, np.float32)
+        return np.empty(self.options.block_size * self.alignment.n_model_genes, np.float32)
 
     def blocks(self, normalise: bool = True):
         """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned)."""

@@ -20,6 +20,7 @@ from functools import cached_property, lru_cache
 from importlib import resources
 
 import numpy as np
+from scipy import sparse
 
 from .errors import InputError
 from .normalize import TARGET_SUM, lognorm
@@ -71,10 +72,6 @@ class GeneAlignment:
     @cached_property
     def all_input_genes_used(self) -> bool:
         return bool((self.model_index >= 0).all())
-
-    @cached_property
-    def used_input_genes(self) -> np.ndarray:
-        return (self.model_index >= 0).astype(np.float32)
 
     @cached_property
     def spare_column(self) -> int | None:
@@ -165,68 +162,72 @@ def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = N
     """A block of input rows (dense or SparseRows) as a dense float32 [cells, model genes] matrix.
 
     With `lognormalise`, log1p(counts per 1e4) over the model's genes. A sparse block is normalised on its
-    nonzeros before they are spread out (a tenth of the values the dense matrix has).
-    `buffer` (float32, at least cells * genes + 1 long) is reused when given: annotating streams millions of
+    nonzeros, then spread out by scipy's C++ csr-to-dense (which zeroes the output first), about twice as
+    fast as numpy's scatter and a tenth of the values a dense normalisation touches.
+    `buffer` (float32, at least cells * genes long) is reused when given: annotating streams millions of
     cells, and writing into warm memory is much cheaper than page-faulting a fresh 100 MB array per block.
     """
     n = block.shape[0] if isinstance(block, np.ndarray) else block.n_rows
-    cells_x_genes = n * alignment.n_model_genes
     if buffer is None:
-        buffer = np.empty(cells_x_genes + 1, dtype=np.float32)
-    flat = buffer[: cells_x_genes + 1]  # one slot past the matrix takes values that must go nowhere
-    flat.fill(0)
-    out = flat[:cells_x_genes].reshape(n, alignment.n_model_genes)
-    if isinstance(block, np.ndarray) or alignment.has_duplicates:
-        _scatter_summing(block, alignment, out, flat)
+        buffer = np.empty(n * alignment.n_model_genes, dtype=np.float32)
+    out = buffer[: n * alignment.n_model_genes].reshape(n, alignment.n_model_genes)
+    if isinstance(block, np.ndarray):
+        _scatter_dense(block, alignment, out)
         return lognorm(out) if lognormalise else out
-    _scatter_sparse(block, alignment, flat, lognormalise)
+    rows = _model_rows(block, alignment)
+    if lognormalise:
+        _lognorm_nonzeros(rows, alignment.spare_column)
+    rows.toarray(out=out)
     if alignment.spare_column is not None:
         out[:, alignment.spare_column] = 0
     return out
 
 
-def _scatter_summing(block, alignment: GeneAlignment, out: np.ndarray, flat: np.ndarray) -> None:
-    """Dense input, or several input genes for one model gene (their values are added)."""
+def _scatter_dense(block: np.ndarray, alignment: GeneAlignment, out: np.ndarray) -> None:
     cols = alignment.model_index
-    if isinstance(block, np.ndarray):
-        keep = np.flatnonzero(cols >= 0)
-        if alignment.has_duplicates:
-            np.add.at(out, (slice(None), cols[keep]), block[:, keep])
-        else:
-            out[:, cols[keep]] = block[:, keep]
-        return
-    target = cols[block.indices]
-    row_start = np.repeat(np.arange(block.n_rows, dtype=np.int64) * out.shape[1], np.diff(block.indptr))
-    np.add.at(flat, np.where(target >= 0, row_start + target, len(flat) - 1), block.data)
+    keep = np.flatnonzero(cols >= 0)
+    out.fill(0)
+    if alignment.has_duplicates:  # several input genes for one model gene: their values are added
+        np.add.at(out, (slice(None), cols[keep]), block[:, keep])
+    else:
+        out[:, cols[keep]] = block[:, keep]
 
 
-def _scatter_sparse(block, alignment: GeneAlignment, flat: np.ndarray, lognormalise: bool) -> None:
-    """One model gene per input gene: each value has one place. int32 indices and `take` are about 5x faster
-    than numpy's int64 fancy indexing here, and this runs for every cell annotated."""
-    n, n_genes = block.n_rows, alignment.n_model_genes
-    dtype = np.int32 if len(flat) < 2**31 else np.int64
-    per_row = np.diff(block.indptr)
-    target = alignment.scatter_columns.take(block.indices).astype(dtype, copy=False)
-    values = data = block.data.astype(np.float32, copy=False)
-    if lognormalise:
-        kept = data if alignment.all_input_genes_used else data * alignment.used_input_genes.take(block.indices)
-        totals = _row_sums(kept, block.indptr)
-        scale = np.divide(TARGET_SUM, totals, out=np.zeros(n), where=totals > 0).astype(np.float32)
-        values = np.repeat(scale, per_row)
-        values *= data
-        values += 1
-        np.log(values, out=values)  # log(1 + x) as the graph computes it; numpy's log is vectorised, its log1p 4x slower
-    position = np.repeat(np.arange(0, n * n_genes, n_genes, dtype=dtype), per_row)
-    position += target
+def _model_rows(block, alignment: GeneAlignment) -> sparse.csr_matrix:
+    """A sparse block with model columns: float32, duplicate genes summed. Input genes the model does not
+    use go to the spare column when there is one (zeroed after; cheaper than dropping them), else are dropped."""
+    cols = alignment.scatter_columns.take(block.indices)  # take also refuses indices past the input's genes
+    data, indptr = block.data.astype(np.float32, copy=False), block.indptr
     if alignment.spare_column is None and not alignment.all_input_genes_used:
-        position[target < 0] = len(flat) - 1  # every model gene is present: no spare column to park unused genes in
-    flat[position] = values
+        keep = cols >= 0
+        data, cols = data[keep], cols[keep]
+        indptr = np.concatenate([[0], np.cumsum(_row_sums(keep, indptr).astype(np.int64))])
+    # copy=False shares the input's arrays; summing duplicates works in place, so it gets its own
+    rows = sparse.csr_matrix((data, cols, indptr), shape=(block.n_rows, alignment.n_model_genes), copy=alignment.has_duplicates)
+    if alignment.has_duplicates:
+        rows.sum_duplicates()
+    return rows
+
+
+def _lognorm_nonzeros(rows: sparse.csr_matrix, spare_column: int | None) -> None:
+    """log1p(counts per 1e4) of a csr matrix's stored values, into new values (the old may be the input's);
+    the spare column's values do not count."""
+    data = rows.data
+    kept = data if spare_column is None else np.where(rows.indices == spare_column, 0, data)
+    totals = _row_sums(kept, rows.indptr)
+    scale = np.divide(TARGET_SUM, totals, out=np.zeros(len(totals)), where=totals > 0).astype(np.float32)
+    values = np.repeat(scale, np.diff(rows.indptr))
+    values *= data
+    values += 1
+    rows.data = np.log(values, out=values)  # log(1 + x) as the graph computes it; numpy's log is vectorised, its log1p 4x slower
 
 
 def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """float64 sums per CSR row; reduceat is fast but gives an empty row the next row's first value."""
-    if len(values) == 0:
-        return np.zeros(len(indptr) - 1)
-    sums = np.add.reduceat(values, np.minimum(indptr[:-1], len(values) - 1), dtype=np.float64)
-    sums[indptr[1:] == indptr[:-1]] = 0
+    """float64 sums per CSR row. reduceat is fast but needs starts inside the array (trailing empty rows start
+    at its end) and gives an empty row the next value, so both kinds of empty row are set to 0 apart."""
+    starts = indptr[:-1]
+    inside = starts < len(values)
+    sums = np.zeros(len(starts))
+    sums[inside] = np.add.reduceat(values, starts[inside], dtype=np.float64)
+    sums[indptr[1:] == starts] = 0
     return sums

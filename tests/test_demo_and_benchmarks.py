@@ -36,6 +36,8 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
                           "onnxruntime_int8_bare", "onnxruntime_fp32_bare_lognorm_input", "onnxruntime_int8_bare_lognorm_input",
                           "scl_annotate_fp32_end_to_end", "scl_annotate_int8_end_to_end"}
     assert all(r["cells_per_second"] > 0 for r in paths.values())
+    ratios = result["throughput"]["end_to_end_vs_bare"]
+    assert all(set(ratios[k]) == {"counts_input", "lognorm_input"} and min(ratios[k].values()) > 0 for k in ("fp32", "int8"))
     assert set(result["memory"]["peak_rss_mb"]) == {"200", "400"}
     variants = result["accuracy"]["variants"]
     assert set(variants) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "onnxruntime_fp16"}

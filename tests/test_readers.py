@@ -184,21 +184,29 @@ def test_real_files_align_to_scimilaritys_gene_order(name, expected_matched, sci
     np.testing.assert_allclose(np.expm1(x[nonzero]).sum(1), 1e4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("model_genes", [["g0", "g1", "g2", "g3", "g4"], ["g0", "g1", "g2"]], ids=["a_model_gene_is_missing", "every_model_gene_present"])
-def test_sparse_blocks_normalise_on_their_nonzeros_like_the_dense_path(model_genes):
+@pytest.mark.parametrize(
+    "input_genes, model_genes",
+    [(["x1", "g2", "g0", "x2", "g1"], ["g0", "g1", "g2", "g3", "g4"]), (["x1", "g2", "g0", "x2", "g1"], ["g0", "g1", "g2"]),
+     (["x1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2", "g3"]), (["g1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2"])],
+    ids=["a_model_gene_is_missing", "every_model_gene_present", "duplicate_input_genes", "duplicates_and_every_gene_present"],
+)
+def test_sparse_blocks_normalise_on_their_nonzeros_like_the_dense_path(input_genes, model_genes):
     """The fast sparse path (normalise the nonzeros, then scatter) against dense alignment then lognorm, with
-    empty rows first, in the middle and last, and input genes the model does not use (x1, x2)."""
+    empty rows first, in the middle and last, input genes the model does not use (x1, x2) and duplicates."""
     from scl.runtime.genes import align_genes, aligned_dense
     from scl.runtime.h5ad import SparseRows
 
-    input_genes = ["x1", "g2", "g0", "x2", "g1"]
     dense = np.array([[0, 0, 0, 0, 0], [5, 1, 2, 7, 0], [0, 0, 0, 0, 0], [0, 3, 0, 0, 4], [9, 0, 0, 0, 0], [0, 0, 0, 0, 0]], np.float32)
     csr = sp.csr_matrix(dense)
     block = SparseRows(csr.data, csr.indices.astype(np.int32), csr.indptr.astype(np.int64))
+    stored = block.data.copy()
     alignment = align_genes(input_genes, model_genes, min_overlap=1)
     expected = lognorm(aligned_dense(dense, alignment))
-    buffer = np.full(len(dense) * len(model_genes) + 1, 7.0, np.float32)  # stale values must not survive
+    buffer = np.full(len(dense) * len(model_genes), 7.0, np.float32)  # stale values must not survive
     got = aligned_dense(block, alignment, buffer, lognormalise=True)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-    assert got[4].sum() == 0 and got[0].sum() == 0  # row 4 has counts only in an unused gene
+    assert got[0].sum() == 0 and got[2].sum() == 0 and got[5].sum() == 0
+    if "x1" in input_genes:
+        assert got[4].sum() == 0  # row 4 has counts only in an unused gene
+    np.testing.assert_array_equal(block.data, stored)  # the input block is not changed
     np.testing.assert_array_equal(aligned_dense(block, alignment), aligned_dense(dense, alignment))
