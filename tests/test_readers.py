@@ -210,3 +210,11 @@ def test_sparse_blocks_normalise_on_their_nonzeros_like_the_dense_path(input_gen
         assert got[4].sum() == 0  # row 4 has counts only in an unused gene
     np.testing.assert_array_equal(block.data, stored)  # the input block is not changed
     np.testing.assert_array_equal(aligned_dense(block, alignment), aligned_dense(dense, alignment))
+
+
+def test_row_sums_with_empty_rows_first_between_and_last():
+    from scl.runtime.genes import _row_sums
+
+    values = np.array([1, 2, 3, 4, 5], np.float32)
+    np.testing.assert_array_equal(_row_sums(values, np.array([0, 0, 2, 2, 5, 5, 5])), [0, 3, 0, 12, 0, 0])
+    np.testing.assert_array_equal(_row_sums(values[:0], np.array([0, 0, 0])), [0, 0])
