@@ -81,6 +81,7 @@ def base_dir(small_data, scimilarity_genes, tmp_path_factory):
                                "--hidden", "64,32", "--latent", "16", "--epochs", "2", "--batch-size", "64")
     assert code == 0, stderr
     assert "28231 genes -> [64, 32] -> 16" in stdout
+    (out.parent / "stderr.txt").write_text(stderr)
     return out
 
 

@@ -15,14 +15,40 @@ from scl.train.model_dir import load_model_dir
 from conftest import run
 
 def test_pretrained_base_loads_in_scimilarity(base_dir):
+    from scl.train.pretrain import narrow_embedding_warning
     from scimilarity import CellEmbedding
 
     ce = CellEmbedding(model_path=str(base_dir))
     ours = load_model_dir(base_dir)
     assert ce.n_genes == 28231 and ce.latent_dim == 16
     assert len(ours.labels) == 7 + 9  # PBMC populations and brain types
-    history = json.loads((base_dir / "pretrain.json").read_text())["history"]
-    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    summary = json.loads((base_dir / "pretrain.json").read_text())
+    assert len(summary["history"]) == 2 and all(np.isfinite(h["loss"]) for h in summary["history"])
+    spread = summary["embedding_feature_std"]
+    assert 0 < spread < 1
+    assert ("warning: the embedding is narrow" in (base_dir.parent / "stderr.txt").read_text()) == (narrow_embedding_warning(spread, 16) is not None)
+
+
+def test_a_collapsed_embedding_is_called_narrow():
+    """A last layer that ignores its input maps every cell to one direction: spread ~0 and a warning; at
+    initialisation the embedding is spread and passes."""
+    import scipy.sparse as sp
+    import torch
+
+    from scl.train.data import LabelledCells
+    from scl.train.nn import Encoder
+    from scl.train.pretrain import embedding_spread, narrow_embedding_warning
+
+    rng = np.random.default_rng(0)
+    cells = LabelledCells(sp.csr_matrix(rng.poisson(1.0, (300, 50)).astype(np.float32)), np.array(["a", "b"] * 150), np.arange(300).astype(str), [])
+    encoder = Encoder(50, latent_dim=16, hidden_dim=(32,)).eval()
+    spread = embedding_spread(encoder, cells)
+    assert spread > 0.05 and narrow_embedding_warning(spread, 16) is None
+    with torch.no_grad():
+        encoder.network[-1].weight.mul_(1e-5)
+        encoder.network[-1].bias.fill_(1.0)
+    collapsed = embedding_spread(encoder, cells)
+    assert collapsed < 1e-3 and "--triplet-weight 0.5" in narrow_embedding_warning(collapsed, 16)
 
 
 def test_run_dir_has_every_artifact_and_report(run_dir):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +19,15 @@ from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
 from .nn import Decoder, Encoder
 
 
-def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, list[dict]]:
+# Median per-feature std of a 128-wide embedding below which classifiers on it need huge weights (scaled by
+# sqrt(128 / width) for other widths: a unit vector spread evenly has std 1/sqrt(width)). Measured on PBMC + brain
+# cells: triplet weight 0.001 -> 0.002, 0.1 -> 0.006 (LoRA heads with row norms ~11,000; fp32 export refused),
+# 0.5 -> 0.018 (row norms 13). README, "Build a base model".
+NARROW_EMBEDDING_STD = 0.01
+
+
+def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, dict]:
+    """Train, write the model directory and its pretrain.json; returns the model and what pretrain.json holds."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     options = ReadOptions(min_genes=config.min_genes)
@@ -25,7 +36,25 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
     refuse_tiny_classes(cells.labels, ", ".join(config.data))
     model, history = train_base(cells, genes, config, device, progress)
     save_model_dir(config.out, model)
-    return model, history
+    summary = {"config": config.to_dict(), "history": history, "embedding_feature_std": embedding_spread(model.encoder, cells)}
+    (Path(config.out) / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    return model, summary
+
+
+def embedding_spread(encoder: Encoder, cells: LabelledCells, sample: int = 2048, seed: int = 0) -> float:
+    """Median over the embedding's features of their standard deviation across (a sample of) the training cells."""
+    index = np.sort(np.random.default_rng(seed).choice(len(cells), min(sample, len(cells)), replace=False))
+    with torch.no_grad():
+        z = encoder(torch.from_numpy(cells.x[index].toarray())).numpy()
+    return round(float(np.median(z.std(axis=0))), 5)
+
+
+def narrow_embedding_warning(spread: float, latent_dim: int) -> str | None:
+    limit = NARROW_EMBEDDING_STD * (128 / latent_dim) ** 0.5
+    if spread >= limit:
+        return None
+    return (f"warning: the embedding is narrow (per-feature std {spread:.4f} < {limit:.4f}): classifiers on it need huge weights, "
+            "which float rounding and int8 punish; on small data train again with --triplet-weight 0.5.")
 
 
 def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, device, progress: bool) -> tuple[SCimilarityModel, list[dict]]:

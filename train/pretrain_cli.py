@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from scl.runtime.cli_errors import reports_input_errors
@@ -42,13 +39,16 @@ label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model
 @reports_input_errors
 def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, lr, triplet_weight, min_genes, seed, device):
     """Pretrain an encoder and decoder on labelled cells (semi-hard triplets + reconstruction)."""
-    from .pretrain import pretrain
+    from .pretrain import narrow_embedding_warning, pretrain  # torch loads here, not for --help
 
     config = PretrainConfig(
         data=list(data), label_key=label_key, out=out, gene_order=gene_order, hidden_dim=_ints(hidden), latent_dim=latent,
         epochs=epochs, batch_size=batch_size, lr=lr, triplet_weight=triplet_weight, min_genes=min_genes, seed=seed, device=device,
     )
-    model, history = pretrain(config)
-    (Path(out) / "pretrain.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
+    model, summary = pretrain(config)
+    history, spread = summary["history"], summary["embedding_feature_std"]
     click.echo(f"wrote {out}: {len(model.gene_order)} genes -> {model.hidden_dim} -> {model.latent_dim}, {len(model.labels)} labels; "
-               f"last epoch loss {history[-1]['loss'] if history else 'n/a'}")
+               f"last epoch loss {history[-1]['loss'] if history else 'n/a'}; embedding per-feature std {spread:.4f}")
+    warning = narrow_embedding_warning(spread, latent)
+    if warning:
+        click.echo(warning, err=True)
