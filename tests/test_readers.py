@@ -187,8 +187,10 @@ def test_real_files_align_to_scimilaritys_gene_order(name, expected_matched, sci
 @pytest.mark.parametrize(
     "input_genes, model_genes",
     [(["x1", "g2", "g0", "x2", "g1"], ["g0", "g1", "g2", "g3", "g4"]), (["x1", "g2", "g0", "x2", "g1"], ["g0", "g1", "g2"]),
-     (["x1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2", "g3"]), (["g1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2"])],
-    ids=["a_model_gene_is_missing", "every_model_gene_present", "duplicate_input_genes", "duplicates_and_every_gene_present"],
+     (["x1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2", "g3"]), (["g1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2"]),
+     (["x1", "g2", "g0", "g2", "g1"], ["g0", "g1", "g2"])],
+    ids=["a_model_gene_is_missing", "every_model_gene_present", "duplicate_input_genes", "duplicates_and_every_gene_present",
+         "duplicates_unused_genes_and_every_gene_present"],
 )
 def test_sparse_blocks_normalise_on_their_nonzeros_like_the_dense_path(input_genes, model_genes):
     """The fast sparse path (normalise the nonzeros, then scatter) against dense alignment then lognorm, with
