@@ -32,7 +32,7 @@ def metadata_values(run, run_dir: Path) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "scl_version": version("scl"),
     }
-    return {
+    values = {
         "format_version": FORMAT_VERSION,
         "gene_order": run.model.gene_order,
         "classes": run.classes,
@@ -42,6 +42,11 @@ def metadata_values(run, run_dir: Path) -> dict:
         "model_card": card,
         "centroids": np.round(run.centroids, 6).tolist(),
     }
+    if run.novelty_limits is not None:
+        novelty = m.get("novelty", {})
+        values["novelty_limits"] = {"values": np.round(run.novelty_limits, 6).tolist(), "quantile": novelty.get("quantile"),
+                                    "from": "the larger quantile of each class's training and held-out cells' cosine distances to its centroid"}
+    return values
 
 
 def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]:
@@ -70,7 +75,7 @@ def fp32_failure(result: dict, run) -> str:
     head_norm = float(run.head.weight.detach().norm(dim=1).max())
     if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
         text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
-                 "the base embedding is nearly collapsed; pretrain the base with a larger --triplet-weight (e.g. 0.1) or on more cells")
+                 "the base embedding is nearly collapsed; pretrain the base with a larger --triplet-weight (e.g. 0.5) or on more cells")
     return text + "."
 
 

@@ -32,6 +32,7 @@ from .device import autocast, resolve_device
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
+from .novelty import QUANTILE, class_centroids, novelty_limits, share_beyond
 from .run_dir import prepare_run_dir, write_run
 
 EVAL_BATCH = 512
@@ -139,10 +140,6 @@ class FullFinetuneClassifier(LoraClassifier):
         return super().parameter_counts() | {"lora": 0, "encoder": sum(p.numel() for p in self.encoder.parameters())}
 
 
-def class_centroids(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.stack([z[y == i].mean(axis=0) for i in range(n_classes)])
-
-
 def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool,
                classifier=LoraClassifier):
     torch.manual_seed(config.seed)
@@ -248,6 +245,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     methods["lora"] = classification_metrics(y_val, model.probabilities(z_val, device), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     z_train = embed(merged, train.x, device)
     centroids = class_centroids(z_train, y_train, len(classes))
+    limits = novelty_limits(centroids, (z_train, y_train), (z_val, y_val))
+    predicted = lambda z: model.probabilities(z, device).argmax(axis=1)  # noqa: E731
 
     metrics = {
         "config": config.to_dict(),
@@ -259,6 +258,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "history": history,
         "sanity_checks": checks,
         "methods": methods,
+        "novelty": {"quantile": QUANTILE, "limits": dict(zip(classes, limits.round(5).tolist())),
+                    "training_share_beyond": share_beyond(z_train, predicted(z_train), centroids, limits),
+                    "validation_share_beyond": share_beyond(z_val, predicted(z_val), centroids, limits)},
         "genes": {k: v for k, v in train.reading[0]["genes"].items() if not k.startswith("examples")},
         "training_data_sha256": file_digest(config.data),
         "base_model_encoder_sha256": file_digest(str(Path(config.base_model) / "encoder.ckpt")),
@@ -266,9 +268,10 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     if ablation:
         metrics["ablation"] = ablation_rows(results, y_val, val, classes, config.margin, device)
     if config.forgetting_data:
-        metrics["forgetting"] = forgetting(config, base, merged, device)
+        metrics["forgetting"], z_other = forgetting(config, base, merged, device)
+        metrics["novelty"]["forgetting_data_share_beyond"] = share_beyond(z_other, predicted(z_other), centroids, limits)
     tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
-    write_run(out_dir, tuned, model.head.cpu(), centroids, metrics)
+    write_run(out_dir, tuned, model.head.cpu(), centroids, limits, metrics)
     return metrics
 
 
@@ -282,7 +285,8 @@ def ablation_rows(results: dict, y_val, val, classes, margin: float, device) -> 
     return rows
 
 
-def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> dict:
+def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> tuple[dict, np.ndarray]:
+    """How well the base's knowledge of other cells survived; returns the metrics and the tuned embedding of those cells."""
     other = load_labelled(config.forgetting_data, base.gene_order, config.forgetting_label_key, ReadOptions(min_genes=config.min_genes))
     z_base = embed(base.encoder, other.x, device)
     z_tuned = embed(merged, other.x, device)
@@ -292,4 +296,4 @@ def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -
         "knn_transfer_accuracy_base": knn_transfer_accuracy(z_base, other.labels, config.knn_neighbors),
         "knn_transfer_accuracy_finetuned": knn_transfer_accuracy(z_tuned, other.labels, config.knn_neighbors),
         "mean_cosine_drift": mean_cosine_drift(z_base, z_tuned),
-    }
+    }, z_tuned

@@ -60,6 +60,14 @@ def write_report(run: Path, metrics: dict) -> None:
         parts += [f"\n## Forgetting, on `{f['data']}` ({f['cells']} cells, not trained on)\n",
                   _table(["measure", "base", "fine-tuned"], [["k-NN label transfer accuracy", f["knn_transfer_accuracy_base"], f["knn_transfer_accuracy_finetuned"]],
                                                            ["mean cosine drift", 0.0, f["mean_cosine_drift"]]])]
+    novelty = metrics["novelty"]
+    rows = [["training cells", novelty["training_share_beyond"]], ["held-out cells of the trained types", novelty["validation_share_beyond"]]]
+    if "forgetting_data_share_beyond" in novelty:
+        rows.append([f"cells of `{metrics['forgetting']['data']}` (types not trained on)", novelty["forgetting_data_share_beyond"]])
+    parts += [f"\n## Novelty limits\n\nPer class, the larger {novelty['quantile']:.0%} quantile of its training and its held-out cells' cosine distance "
+              "to the class centroid (scl-annotate counts cells beyond it; --max-novelty auto labels them unassigned). Share of cells beyond "
+              "their predicted class's limit (a few percent for the trained types, by construction; nearly all for types never trained on):\n",
+              _table(["cells", "share beyond"], rows), "", _table(["class", "limit"], [[c, v] for c, v in novelty["limits"].items()])]
     parts += ["\n## Training history\n", _table(list(metrics["history"][0]), [list(r.values()) for r in metrics["history"]])]
     parts.append("\n## Confusion matrices\n")
     for name, m in methods.items():

@@ -2,7 +2,8 @@
 
     model/          the merged encoder and the base decoder, SCimilarity format (label_ints = classes)
     adapter/        the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
-    head.pt         {"weight", "bias", "centroids"}: the classifier and per-class embedding centroids
+    head.pt         {"weight", "bias", "centroids", "novelty_limits"}: the classifier, per-class embedding centroids
+                    and how far from them each class's training cells reach (train/novelty.py)
     classes.json    class names in the head's order
     metrics.json    everything measured (config, history, sanity checks, metrics per method, forgetting)
     report.md       the same for people, with confusion_<method>.png and confused_pairs_<method>.csv
@@ -29,6 +30,7 @@ class TrainedRun:
     centroids: np.ndarray
     classes: list[str]
     metrics: dict
+    novelty_limits: np.ndarray | None = None  # None in runs written before scl stored them
 
 
 def prepare_run_dir(path) -> Path:
@@ -39,11 +41,12 @@ def prepare_run_dir(path) -> Path:
     return path
 
 
-def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, metrics: dict) -> None:
+def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, novelty_limits: np.ndarray, metrics: dict) -> None:
     from .report import write_report
 
     save_model_dir(path / "model", model)
-    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(), "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32))}
+    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
+             "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32)), "novelty_limits": torch.from_numpy(np.asarray(novelty_limits, dtype=np.float32))}
     torch.save(state, path / "head.pt")
     (path / "classes.json").write_text(json.dumps(model.labels, indent=1) + "\n")
     write_report(path, metrics)
@@ -62,4 +65,5 @@ def load_run(path) -> TrainedRun:
     head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     if len(classes) != head.out_features or head.in_features != model.latent_dim:
         raise InputError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
-    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()))
+    limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
+    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()), limits)
