@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -34,21 +35,35 @@ def available_cores() -> int:
 @dataclass
 class AnnotateOptions:
     min_confidence: float = 0.0
+    max_novelty: str | float | None = None  # "auto": the model's per-class limits; a number: one limit for all; None: count only
     probabilities: bool = False
     progress: bool = True
     workers: int = field(default_factory=available_cores)  # blocks in flight at once
 
 
+def novelty_limits(session: AnnotationSession, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
+    """(limits to count novel cells against, whether novel cells are labelled unassigned)."""
+    if max_novelty is None:
+        return session.novelty_limits, False
+    if max_novelty == "auto":
+        if session.novelty_limits is None:
+            raise InputError(f"{session.path}: this model carries no novelty limits (exported before scl stored them); "
+                             "export it again, or give --max-novelty a cosine distance such as 0.5.")
+        return session.novelty_limits, True
+    return np.full(len(session.classes), float(max_novelty), np.float32), True
+
+
 def annotated_blocks(source: ExpressionFile, session: AnnotationSession, options: AnnotateOptions):
     """(cell ids, Prediction, Calls) for each block, in file order, with at most workers + 1 blocks in memory."""
     local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
+    limits, unassign_novel = novelty_limits(session, options.max_novelty)
 
     def annotate_block(ids, raw):
         if not hasattr(local, "buffer"):
             local.buffer = source.block_buffer()
         x = source.dense(raw, normalise=True, buffer=local.buffer)
         pred = session.predict(x, is_lognorm=True)  # normalised above, on the nonzeros, not densely in the graph
-        return ids, pred, call_cells(pred, session.centroids, options.min_confidence)
+        return ids, pred, call_cells(pred, session.centroids, options.min_confidence, limits, unassign_novel)
 
     with ThreadPoolExecutor(max_workers=options.workers) as pool:
         pending = deque()
@@ -80,12 +95,13 @@ def annotate_file(input_path: str, output: str, session: AnnotationSession, read
             writer = H5adOutput(tmp, None if is_text_matrix(input_path) else input_path, session.classes, session.centroids.shape[1], options.probabilities)
         else:
             writer = CsvOutput(tmp, session.classes, options.probabilities)
-        counts, n = Counter(), 0
+        counts, n, novel = Counter(), 0, 0
         bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
         for ids, pred, calls in annotated_blocks(source, session, options):
             writer.write(ids, calls, pred.embedding, pred.probabilities)
             counts.update(label_names(session.classes, calls.label))
             n += len(ids)
+            novel += int(calls.novel.sum())
             bar.update(len(ids))
         bar.close()
         seconds = time.perf_counter() - started
@@ -96,9 +112,17 @@ def annotate_file(input_path: str, output: str, session: AnnotationSession, read
             "cells": n,
             "labels": dict(counts.most_common()),
             "min_confidence": options.min_confidence,
+            "novelty": novelty_report(session, options.max_novelty, novel),
             "seconds": round(seconds, 3),
             "cells_per_second": round(n / seconds, 1) if seconds > 0 else None,
         }
         report["model"].pop("classes")
         writer.close(report)
     return report
+
+
+def novelty_report(session: AnnotationSession, max_novelty, novel: int) -> dict:
+    if max_novelty is None and session.novelty_limits is None:
+        return {"limits": None, "novel_cells": None, "unassigned_if_novel": False}
+    limits = f"{float(max_novelty):g} for every class" if max_novelty not in (None, "auto") else "per class, from the model"
+    return {"limits": limits, "novel_cells": novel, "unassigned_if_novel": max_novelty is not None}

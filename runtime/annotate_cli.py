@@ -45,12 +45,29 @@ def output_for(path: str, output: str | None, output_dir: str | None, fmt: str |
     return str(Path(output_dir or Path(path).parent) / f"{name}.scl.{fmt}")
 
 
+def parse_max_novelty(value: str | None) -> str | float | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        limit = float(value)
+        assert 0 <= limit <= 2
+    except (ValueError, AssertionError):
+        raise InputError(f"--max-novelty {value!r}: give auto (the model's per-class limits) or a cosine distance between 0 and 2.") from None
+    return limit
+
+
 def print_summary(report: dict) -> None:
     genes = report["input"]["genes"]
     click.echo(f"{report['input']['path']} -> {report['output']}")
     click.echo(f"  {report['cells']:,} cells from {report['input']['matrix']} ({report['input']['input_kind']}: {report['input']['input_kind_evidence']}); "
                f"genes matched {genes['matched']:,} of {genes['model_genes']:,}, missing {genes['model_genes_missing']:,}, input genes unused {genes['input_genes_unused']:,}")
     click.echo(f"  {report['seconds']:.2f} s, {report['cells_per_second']:,.0f} cells/s on {report['model']['provider']}")
+    novelty = report["novelty"]
+    if novelty["novel_cells"] is not None:
+        share = 100 * novelty["novel_cells"] / max(report["cells"], 1)
+        hint = "labelled unassigned" if novelty["unassigned_if_novel"] else "--max-novelty auto labels them unassigned"
+        click.echo(f"  {novelty['novel_cells']:,} cells ({share:.1f}%) lie beyond their label's novelty limit ({novelty['limits']}), "
+                   f"unlike its training cells (a type the model does not know, or data unlike its training data): {hint}")
     width = max(len(k) for k in report["labels"]) if report["labels"] else 5
     for label, n in report["labels"].items():
         click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report['cells'], 1):5.1f}%")
@@ -66,7 +83,9 @@ def print_summary(report: dict) -> None:
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
 scl_novelty (cosine distance to the label's training centroid), obsm['X_scl'] (embedding) and
-uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
+uns['scl']; or a CSV with one row per cell. Inputs are never modified.
+Cells of types the model never saw still get a known label, often with high confidence, but lie
+far from its centroid: the summary counts them, and --max-novelty auto labels them unassigned."""
 )
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", required=True, envvar="SCL_MODEL", type=click.Path(dir_okay=False), help="The .onnx from scl-export (or set SCL_MODEL).")
@@ -75,6 +94,8 @@ uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
 @click.option("--format", "fmt", type=click.Choice(["h5ad", "csv"]), help="Output format with --output-dir; default h5ad for .h5ad inputs, csv otherwise.")
 @click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
+@click.option("--max-novelty", help="Label cells farther from their label's training centroid 'unassigned': auto (the model's per-class "
+              "limits, the 99th percentile of its training cells) or a cosine distance (0-2). Default: count them only.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="Blocks annotated at once, each on one core; default: all cores.")
 @click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
@@ -88,22 +109,25 @@ uns['scl']; or a CSV with one row per cell. Inputs are never modified."""
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
-def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, device, threads, matrix, gene_column, input_kind,
+def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, max_novelty, device, threads, matrix, gene_column, input_kind,
          genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
-    from .annotate import AnnotateOptions, annotate_file, available_cores
+    from .annotate import AnnotateOptions, annotate_file, available_cores, novelty_limits
     from .session import AnnotationSession
 
     paths = expand_inputs(inputs, shard)
+    max_novelty = parse_max_novelty(max_novelty)  # a typo fails before the model loads
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
     session = AnnotationSession(model, device, threads=1)  # blocks run in parallel instead (annotate.py says why)
     for note in session.notes:
         click.echo(note, err=True)
+    novelty_limits(session, max_novelty)  # --max-novelty auto on a model without limits fails before any file
     workers = 2 if session.provider == "CUDAExecutionProvider" else threads or available_cores()  # on CUDA: prepare one block while the GPU runs another
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, probabilities=probabilities, progress=not quiet, workers=workers)
+    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, probabilities=probabilities,
+                              progress=not quiet, workers=workers)
     reports = []
     for path in paths:
         result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), session, read, options)

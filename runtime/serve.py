@@ -151,7 +151,8 @@ def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_byte
         return alignment, aligned_dense(x, alignment)
 
     def describe(pred: Prediction, alignment, x: np.ndarray, top_k: int, cell_ids) -> list[dict]:
-        calls = call_cells(pred, session.centroids)
+        calls = call_cells(pred, session.centroids, novelty_limits=session.novelty_limits)
+        known_limits = session.novelty_limits is not None
         labels = label_names(session.classes, calls.label)
         k = min(top_k, len(session.classes))
         order = np.argsort(-pred.probabilities, axis=1)[:, :k]
@@ -164,6 +165,7 @@ def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_byte
                 "confidence": float(calls.confidence[i]),
                 "top": [{"label": session.classes[j], "probability": float(pred.probabilities[i, j])} for j in order[i]],
                 "novelty": float(calls.novelty[i]),
+                "novel": bool(calls.novel[i]) if known_limits else None,  # beyond its label's novelty limit
                 "genes_matched": int(np.count_nonzero(matched & (x[i] != 0))),
                 "genes_sent": int(np.count_nonzero(x[i])),
             })

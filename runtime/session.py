@@ -43,6 +43,8 @@ class AnnotationSession:
         self.classes: list[str] = self.meta["classes"]
         self.centroids = np.asarray(self.meta["centroids"], dtype=np.float32)
         self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
+        limits = self.meta.get("novelty_limits")  # None in models exported before scl stored them
+        self.novelty_limits = np.asarray(limits["values"], dtype=np.float32) if limits else None
 
     def _open(self, device: str, threads: int | None):
         ort = _onnxruntime()
@@ -85,4 +87,5 @@ class AnnotationSession:
     def describe(self) -> dict:
         card = self.meta["model_card"]
         return {"path": self.path, "provider": self.provider, "classes": self.classes, "genes": len(self.gene_order),
-                "format_version": self.meta["format_version"], "weights_sha256": self.meta["weights_sha256"], "model_card": card}
+                "format_version": self.meta["format_version"], "weights_sha256": self.meta["weights_sha256"], "model_card": card,
+                "novelty_limits": self.meta.get("novelty_limits")}

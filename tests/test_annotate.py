@@ -125,3 +125,37 @@ def test_a_failure_midway_leaves_nothing_behind(exported, pbmc_small, tmp_path):
     code, _, stderr = run("scl-annotate", tmp_path / "bad.h5ad", "--model", exported, "--output", tmp_path / "out" / "o.h5ad", "--batch-size", "64")
     assert code == 1 and "NaN" in stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cells_of_types_the_model_never_saw_are_counted_and_unassigned_on_request(exported, run_dir, small_data, tmp_path):
+    """The model knows 7 PBMC types. Brain cells still get PBMC labels, but lie beyond the novelty limits that
+    scl-train measured on the training cells and scl-export stored in the model."""
+    novelty = json.loads((run_dir / "metrics.json").read_text())["novelty"]
+    assert novelty["validation_share_beyond"] < 0.1 and novelty["forgetting_data_share_beyond"] > 0.9
+    brain, val = small_data / "brain.h5ad", small_data / "val.h5ad"
+    reports = {}
+    for name, path, flags in (("counted", brain, []), ("auto", brain, ["--max-novelty", "auto"]), ("val", val, ["--max-novelty", "auto"]),
+                              ("loose", brain, ["--max-novelty", "2"])):
+        annotate(path, "--model", exported, "--output", tmp_path / f"{name}.csv", "--report", tmp_path / f"{name}.json", *flags)
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    counted, auto = reports["counted"], reports["auto"]
+    assert counted["novelty"]["novel_cells"] > 0.9 * counted["cells"] and "unassigned" not in counted["labels"]
+    assert auto["labels"]["unassigned"] == auto["novelty"]["novel_cells"] == counted["novelty"]["novel_cells"]
+    assert reports["val"]["labels"].get("unassigned", 0) < 0.1 * reports["val"]["cells"]
+    assert reports["loose"]["novelty"]["novel_cells"] == 0 and "unassigned" not in reports["loose"]["labels"]
+    calls = pd.read_csv(tmp_path / "auto.csv")
+    assert (calls["novelty"][calls["label"] == "unassigned"] > min(novelty["limits"].values())).all()
+
+
+def test_max_novelty_errors_and_models_without_limits(exported, small_data, tmp_path):
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--max-novelty", "far")
+    assert code != 0 and "--max-novelty 'far'" in stderr and "Traceback" not in stderr
+    older = onnx.load(str(exported))  # a model exported before scl stored novelty limits
+    kept = [p for p in older.metadata_props if p.key != "scl.novelty_limits"]
+    del older.metadata_props[:]
+    older.metadata_props.extend(kept)
+    onnx.save(older, str(tmp_path / "older.onnx"))
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", tmp_path / "older.onnx", "--output", tmp_path / "x.csv", "--max-novelty", "auto")
+    assert code != 0 and "carries no novelty limits" in stderr and not (tmp_path / "x.csv").exists()
+    annotate(small_data / "val.h5ad", "--model", tmp_path / "older.onnx", "--output", tmp_path / "x.csv", "--report", tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text())["novelty"] == {"limits": None, "novel_cells": None, "unassigned_if_novel": False}

@@ -43,6 +43,8 @@ def test_labels_equal_scl_annotate(client, cells_and_labels):
     assert [c["label"] for c in batch] == list(calls["label"][:20])
     assert [c["cell_id"] for c in batch] == list(calls["cell_id"][:20])
     np.testing.assert_allclose([c["confidence"] for c in batch], calls["confidence"][:20], atol=1e-4)
+    np.testing.assert_allclose([c["novelty"] for c in batch], calls["novelty"][:20], atol=1e-4)
+    assert all(isinstance(c["novel"], bool) for c in batch)
     row = adata.X[0].toarray()[0]
     expression = {g: float(v) for g, v in zip(adata.var_names, row) if v}
     single = client.post("/predict", json={"expression": expression, "top_k": 3}).json()
@@ -110,3 +112,9 @@ def test_real_uvicorn_process_on_loopback(exported, cells_and_labels):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_cells_of_an_unknown_type_are_flagged_novel(client, small_data):
+    brain = ad.read_h5ad(small_data / "brain.h5ad")
+    cells = client.post("/predict_batch", json=columnar(brain, 10)).json()["cells"]
+    assert sum(c["novel"] for c in cells) >= 9  # scl-train measured all of these brain cells beyond the PBMC limits
