@@ -53,6 +53,10 @@ def main(quiet, ablation, **options):
     click.echo(f"{'method':<14}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
     for name, m in metrics["methods"].items():
         click.echo(f"{name:<14}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
+    novelty = metrics["novelty"]
+    other = f", forgetting data {100 * novelty['forgetting_data_share_beyond']:.1f}%" if "forgetting_data_share_beyond" in novelty else ""
+    click.echo(f"beyond the novelty limits: training {100 * novelty['training_share_beyond']:.1f}%, validation "
+               f"{100 * novelty['validation_share_beyond']:.1f}%{other} of cells")
     checks = metrics["sanity_checks"]
     click.echo(f"sanity checks {'passed' if checks['passed'] else 'FAILED'}: {checks}")
     click.echo(f"wrote {options['out']}/ (report.md, metrics.json, model/, adapter/, head.pt)")
