@@ -74,6 +74,22 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
     return {"cells": len(counts), "provider": "CPUExecutionProvider", "variants": rows}
 
 
+def novelty_shares(model: Path, files: dict[str, str]) -> dict:
+    """Per file, the share of cells scl-annotate finds beyond their label's novelty limit (what --max-novelty auto unassigns)."""
+    from scl.runtime.annotate import AnnotateOptions, annotated_blocks
+    from scl.runtime.expression import ExpressionFile
+    from scl.runtime.session import AnnotationSession
+
+    session = AnnotationSession(str(model))
+    shares = {}
+    for name, path in files.items():
+        with ExpressionFile(path, session.gene_order) as src:
+            calls = [c for _, _, c in annotated_blocks(src, session, AnnotateOptions(progress=False))]
+        novel = np.concatenate([c.novel for c in calls])
+        shares[name] = {"cells": len(novel), "share_beyond_novelty_limits": round(float(novel.mean()), 4)}
+    return shares
+
+
 def lognormalised(adata):
     import scanpy as sc
 

@@ -12,7 +12,7 @@ Writes benchmarks/results/<machine>.json and .md (the README's tables come from 
   of the matmul peak for int8 are fp32-equivalent (int8 can exceed 100%).
 - Peak RSS of scl-annotate at two sizes.
 - Accuracy on the real held-out PBMCs (benchmarks/accuracy.py): torch against onnxruntime fp32, int8 and fp16,
-  and CellTypist trained on the same cells.
+  and CellTypist trained on the same cells; the share of cells beyond the novelty limits in three real files.
 - Training cost, LoRA against full fine-tuning (benchmarks/training_cost.py).
 """
 
@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.cells, args.memory_cells = 300, "200,400"
-    from accuracy import celltypist_comparison, onnx_parity, split_pbmc, train_and_export
+    from accuracy import celltypist_comparison, novelty_shares, onnx_parity, split_pbmc, train_and_export
     from training_cost import compare as training_cost
 
     data = Path(args.data)
@@ -255,6 +255,9 @@ def main(argv=None) -> dict:
         train, val = split_pbmc(str(data / "pbmc_sorted_dev.h5ad"), tmp, cells=300 if args.smoke else None)
         run_dir, models = train_and_export(train, val, str(data / "darmanis_brain_466.h5ad"), gene_order, tmp, args.smoke)
         results["accuracy"] = onnx_parity(run_dir, models, val)
+        results["novelty"] = novelty_shares(models["fp32"], {"held-out PBMCs (the trained types)": val,
+                                                             "brain cells (no brain class; the base was pretrained on them)": str(data / "darmanis_brain_466.h5ad"),
+                                                             "CellTypist's sample PBMCs (another lab, more genes)": str(data / "celltypist_sample_559cells.csv.gz")})
         results["celltypist"] = celltypist_comparison(train, val, results["throughput"].pop("h5ad"), min(args.cells, 20000))
         results["training_cost"] = training_cost(str(tmp / "base"), train, val, epochs=1 if args.smoke else 2)
     if results["cuda_device"] is None:
@@ -292,6 +295,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | skipped: {v['skipped']} | | |")
         else:
             lines.append(f"| {name} | {v['macro_f1']:.3f} | {100 * v['label_agreement_with_torch']:.1f}% | {v['max_abs_diff_embedding']:.1e} |")
+    lines += ["", "Cells beyond their label's novelty limit with the fp32 model (what `--max-novelty auto` labels unassigned): "
+              + "; ".join(f"{name} {100 * v['share_beyond_novelty_limits']:.1f}% of {v['cells']:,}" for name, v in r["novelty"].items()) + "."]
     e2e = t["paths"]["scl_annotate_fp32_end_to_end"]["cells_per_second"]
     lines.append(f"| CellTypist {ct['version']} ({ct['method']}, scikit-learn {ct['scikit_learn']}) | {ct['macro_f1']:.3f} | | |")
     lines += ["", f"CellTypist annotates {ct['cells_per_second']:,.0f} cells/s on {ct['throughput_cells']:,} of the throughput cells "

@@ -43,6 +43,8 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
     assert set(variants) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "onnxruntime_fp16"}
     assert variants["onnxruntime_fp32"]["label_agreement_with_torch"] == 1.0 and variants["onnxruntime_fp32"]["max_abs_diff_embedding"] < 1e-4
     assert 0 < result["celltypist"]["macro_f1"] <= 1 and result["celltypist"]["cells_per_second"] > 0
+    assert [v["cells"] for v in result["novelty"].values()] == [60, 466, 559]  # smoke: 300 PBMCs, a fifth held out
+    assert all(0 <= v["share_beyond_novelty_limits"] <= 1 for v in result["novelty"].values())
     cost = result["training_cost"]["methods"]
     assert cost["lora"]["trainable_parameters"] < cost["full"]["trainable_parameters"]
     assert all(m["seconds_per_epoch"] > 0 and m["peak_rss_mb"] >= m["rss_before_training_mb"] * 0.5 for m in cost.values())
