@@ -95,7 +95,7 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
 @click.option("--max-novelty", help="Label cells farther from their label's training centroid 'unassigned': auto (the model's per-class "
-              "limits, the 99th percentile of its training cells) or a cosine distance (0-2). Default: count them only.")
+              "limits, set by scl-train from its training and held-out cells) or a cosine distance (0-2). Default: count them only.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="Blocks annotated at once, each on one core; default: all cores.")
 @click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
