@@ -246,7 +246,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     z_train = embed(merged, train.x, device)
     centroids = class_centroids(z_train, y_train, len(classes))
     limits = novelty_limits(centroids, (z_train, y_train), (z_val, y_val))
-    predicted = lambda z: model.probabilities(z, device).argmax(axis=1)  # noqa: E731
+
+    def predicted(z: np.ndarray) -> np.ndarray:
+        return model.probabilities(z, device).argmax(axis=1)
 
     metrics = {
         "config": config.to_dict(),

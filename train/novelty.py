@@ -1,4 +1,4 @@
-"""Novelty limits: how far from its class's centroid each class's own training cells reach.
+"""Novelty limits: how far from its centroid each class's own training and held-out cells reach.
 
 scl-annotate's novelty is the cosine distance from a cell's embedding to its label's training centroid
 (runtime/labels.py). A cell of a type the model never saw still gets a known label, often with confidence 1,
