@@ -8,7 +8,8 @@ Writes benchmarks/results/<machine>.json and .md (the README's tables come from 
 - Throughput at SCimilarity's real size (28,231 genes -> 1024 -> 1024 -> 128, random weights) on one generated
   CSR h5ad: SCimilarity's align_dataset + lognorm_counts + CellEmbedding.get_embeddings + the head in torch (and
   get_embeddings alone), scl's merged torch model, bare onnxruntime fp32 and int8 (pre-aligned dense input, as
-  counts for the graph to normalise and already normalised), and scl-annotate end to end from the file. Shares
+  counts for the graph to normalise and already normalised), and scl-annotate end to end from the file (the best of
+  three runs, as the bare rows are the best of three layouts). Shares
   of the matmul peak for int8 are fp32-equivalent (int8 can exceed 100%).
 - Peak RSS of scl-annotate at two sizes.
 - Accuracy on the real held-out PBMCs (benchmarks/accuracy.py): torch against onnxruntime fp32, int8 and fp16,
@@ -156,7 +157,12 @@ def annotate_cli(h5ad: str, model: Path, out_dir: Path, device: str = "cpu") -> 
     return {"cells_per_second": result["cells_per_second"], "wall_seconds": round(wall, 2), "peak_rss_mb": int(done.stdout.split()[-1]) / 1024}
 
 
-def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
+def annotate_rate(h5ad: str, model: Path, out_dir: Path, device: str = "cpu", runs: int = 3) -> float:
+    """scl-annotate's cells/s, the best of a few runs (as the bare rows are the best of a few layouts)."""
+    return max(annotate_cli(h5ad, model, out_dir, device)["cells_per_second"] for _ in range(runs))
+
+
+def throughput(genes: list[str], cells: int, tmp: Path, runs: int = 3) -> dict:
     from synthetic import random_model, write_csr_h5ad, write_onnx
 
     from scl.runtime.normalize import lognorm
@@ -183,10 +189,10 @@ def throughput(genes: list[str], cells: int, tmp: Path) -> dict:
     if cuda_device():  # fp16 is for CUDA; the blocks are normalised by now
         for name, path in (("fp32", fp32), ("fp16", fp16)):
             paths[f"onnxruntime_{name}_cuda_bare_lognorm_input"] = bare_onnxruntime(path, blocks, lognorm_input=True, provider="CUDAExecutionProvider")
-            paths[f"scl_annotate_{name}_cuda_end_to_end"] = annotate_cli(h5ad, path, tmp, device="cuda")["cells_per_second"]
+            paths[f"scl_annotate_{name}_cuda_end_to_end"] = annotate_rate(h5ad, path, tmp, device="cuda", runs=runs)
     del blocks
     for name, path in (("fp32", fp32), ("int8", int8)):
-        paths[f"scl_annotate_{name}_end_to_end"] = annotate_cli(h5ad, path, tmp)["cells_per_second"]
+        paths[f"scl_annotate_{name}_end_to_end"] = annotate_rate(h5ad, path, tmp, runs=runs)
     peak = matmul_gflops()
     mflop = model_mflop_per_cell(len(genes), len(model.labels))
     base = paths["scimilarity_align_lognorm_embed_torch"]
@@ -250,7 +256,7 @@ def main(argv=None) -> dict:
                "command": "python benchmarks/run.py" + (" --smoke" if args.smoke else ""), "date": time.strftime("%Y-%m-%d"), "cuda_device": cuda_device()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results["throughput"] = throughput(genes, args.cells, tmp)
+        results["throughput"] = throughput(genes, args.cells, tmp, runs=1 if args.smoke else 3)
         results["memory"] = peak_memory(genes, [int(v) for v in args.memory_cells.split(",")], tmp)
         train, val = split_pbmc(str(data / "pbmc_sorted_dev.h5ad"), tmp, cells=300 if args.smoke else None)
         run_dir, models = train_and_export(train, val, str(data / "darmanis_brain_466.h5ad"), gene_order, tmp, args.smoke)
@@ -295,13 +301,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | skipped: {v['skipped']} | | |")
         else:
             lines.append(f"| {name} | {v['macro_f1']:.3f} | {100 * v['label_agreement_with_torch']:.1f}% | {v['max_abs_diff_embedding']:.1e} |")
-    lines += ["", "Cells beyond their label's novelty limit with the fp32 model (what `--max-novelty auto` labels unassigned): "
-              + "; ".join(f"{name} {100 * v['share_beyond_novelty_limits']:.1f}% of {v['cells']:,}" for name, v in r["novelty"].items()) + "."]
     e2e = t["paths"]["scl_annotate_fp32_end_to_end"]["cells_per_second"]
     lines.append(f"| CellTypist {ct['version']} ({ct['method']}, scikit-learn {ct['scikit_learn']}) | {ct['macro_f1']:.3f} | | |")
     lines += ["", f"CellTypist annotates {ct['cells_per_second']:,.0f} cells/s on {ct['throughput_cells']:,} of the throughput cells "
               f"(normalise + annotate in memory; {ct['features']:,} genes); scl-annotate fp32 {e2e:,.0f} cells/s from the file "
               f"({e2e / ct['cells_per_second']:.2f}x).", "",
+              "Cells beyond their label's novelty limit with the fp32 model (what `--max-novelty auto` labels unassigned): "
+              + "; ".join(f"{name} {100 * v['share_beyond_novelty_limits']:.1f}% of {v['cells']:,}" for name, v in r["novelty"].items()) + ".", "",
               "**Training cost**: LoRA against full fine-tuning of the encoder, same data, losses and batches:", "",
               "| method | lr | trainable parameters | s per epoch | peak RSS MB | RSS growth in training MB | best val macro-F1 |", "|---|---|---|---|---|---|---|"]
     for name, m in cost["methods"].items():
