@@ -72,8 +72,19 @@ def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool
         yield order[start : start + batch_size]
 
 
+EVAL_BATCH = 512
+
+
 def dense(x: sp.csr_matrix, index, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(x[index].toarray()).to(device)
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, x: sp.csr_matrix, device: torch.device) -> np.ndarray:
+    """The encoder's embedding of every row of x, in batches of EVAL_BATCH cells."""
+    encoder.eval()
+    parts = [encoder(dense(x, slice(i, i + EVAL_BATCH), device)).float().cpu() for i in range(0, x.shape[0], EVAL_BATCH)]
+    return torch.cat(parts).numpy()
 
 
 def write_stratified_split(adata, paths: tuple[str, str], test_size: float, seed: int, label_key: str = "cell_type") -> tuple[str, str]:

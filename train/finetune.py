@@ -27,7 +27,7 @@ from scl.runtime.errors import InputError
 from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
-from .data import LabelledCells, batches, dense, load_labelled, refuse_tiny_classes
+from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled, refuse_tiny_classes
 from .device import autocast, resolve_device
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -35,18 +35,8 @@ from .model_dir import SCimilarityModel, load_model_dir
 from .novelty import QUANTILE, class_centroids, novelty_limits, share_beyond
 from .run_dir import prepare_run_dir, write_run
 
-EVAL_BATCH = 512
-
-
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
     return [name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-@torch.no_grad()
-def embed(encoder: torch.nn.Module, x: sp.csr_matrix, device: torch.device) -> np.ndarray:
-    encoder.eval()
-    parts = [encoder(dense(x, slice(i, i + EVAL_BATCH), device)).float().cpu() for i in range(0, x.shape[0], EVAL_BATCH)]
-    return torch.cat(parts).numpy()
 
 
 @torch.no_grad()

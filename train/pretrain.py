@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from scl.runtime.expression import ReadOptions
 
 from .config import PretrainConfig
-from .data import LabelledCells, batches, dense, gene_union, load_labelled, refuse_tiny_classes
+from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes
 from .device import autocast, resolve_device
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
@@ -44,8 +44,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
 def embedding_spread(encoder: Encoder, cells: LabelledCells, sample: int = 2048, seed: int = 0) -> float:
     """Median over the embedding's features of their standard deviation across (a sample of) the training cells."""
     index = np.sort(np.random.default_rng(seed).choice(len(cells), min(sample, len(cells)), replace=False))
-    with torch.no_grad():
-        z = encoder(torch.from_numpy(cells.x[index].toarray())).numpy()
+    z = embed(encoder, cells.x[index], next(encoder.parameters()).device)
     return round(float(np.median(z.std(axis=0))), 5)
 
 
