@@ -26,9 +26,10 @@ def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
     if shard:
         try:
             k, n = (int(v) for v in shard.split("/"))
-            assert 0 <= k < n
-        except (ValueError, AssertionError):
-            raise InputError(f"--shard {shard!r}: write K/N with 0 <= K < N, e.g. --shard $SLURM_ARRAY_TASK_ID/16.") from None
+        except ValueError:
+            k, n = -1, 0
+        if not 0 <= k < n:  # an if, not an assert: python -O drops asserts
+            raise InputError(f"--shard {shard!r}: write K/N with 0 <= K < N, e.g. --shard $SLURM_ARRAY_TASK_ID/16.")
         paths = paths[k::n]
     return paths
 
@@ -50,9 +51,10 @@ def parse_max_novelty(value: str | None) -> str | float | None:
         return value
     try:
         limit = float(value)
-        assert 0 <= limit <= 2
-    except (ValueError, AssertionError):
-        raise InputError(f"--max-novelty {value!r}: give auto (the model's per-class limits) or a cosine distance between 0 and 2.") from None
+    except ValueError:
+        limit = float("nan")
+    if not 0 <= limit <= 2:  # nan fails too
+        raise InputError(f"--max-novelty {value!r}: give auto (the model's per-class limits) or a cosine distance between 0 and 2.")
     return limit
 
 
