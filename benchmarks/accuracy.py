@@ -51,11 +51,11 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
 
     from scl.export.graph import AnnotationModel
     from scl.export.validate import onnx_outputs, torch_outputs
-    from scl.runtime.expression import ExpressionFile
+    from scl.runtime.expression import ExpressionSource
     from scl.train.run_dir import load_run
 
     run = load_run(run_dir)
-    with ExpressionFile(val, run.model.gene_order) as src:
+    with ExpressionSource(val, run.model.gene_order) as src:
         counts = np.vstack([x for _, x in src.blocks(normalise=False)])
     truth = ad.read_h5ad(val).obs["cell_type"].astype(str).to_numpy()
     classes = np.array(run.classes)
@@ -76,16 +76,12 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
 
 def novelty_shares(model: Path, files: dict[str, str]) -> dict:
     """Per file, the share of cells scl-annotate finds beyond their label's novelty limit (what --max-novelty auto unassigns)."""
-    from scl.runtime.annotate import AnnotateOptions, annotated_blocks
-    from scl.runtime.expression import ExpressionFile
-    from scl.runtime.session import AnnotationSession
+    from scl.runtime.annotator import Annotator
 
-    session = AnnotationSession(str(model))
+    annotator = Annotator(model)
     shares = {}
     for name, path in files.items():
-        with ExpressionFile(path, session.gene_order) as src:
-            calls = [c for _, _, c in annotated_blocks(src, session, AnnotateOptions(progress=False))]
-        novel = np.concatenate([c.novel for c in calls])
+        novel = annotator.annotate(path, progress=False).calls["novel"]
         shares[name] = {"cells": len(novel), "share_beyond_novelty_limits": round(float(novel.mean()), 4)}
     return shares
 

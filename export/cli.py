@@ -11,8 +11,8 @@ import click
 import numpy as np
 
 from scl.runtime.cli_errors import reports_input_errors
-from scl.runtime.errors import InputError
-from scl.runtime.expression import ExpressionFile
+from scl.runtime.errors import SclError
+from scl.runtime.expression import ExpressionSource
 from scl.runtime.model_metadata import FORMAT_VERSION, INPUT_COUNTS, INPUT_IS_LOGNORM
 from scl.runtime.normalize import TARGET_SUM
 
@@ -54,7 +54,7 @@ def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]
 
     path = sample_data or run.metrics["config"].get("val_data") or run.metrics["config"]["data"]
     if path and os.path.exists(path):
-        with ExpressionFile(path, run.model.gene_order) as src:
+        with ExpressionSource(path, run.model.gene_order) as src:
             blocks, total = [], 0
             for _, x in src.blocks(normalise=False):
                 blocks.append(x)
@@ -107,7 +107,7 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
 
     out = Path(out)
     if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: no such directory for --out; create it first.")
+        raise SclError(f"{out.parent}: no such directory for --out; create it first.")
     run = load_run(run_dir)
     module = AnnotationModel(run.model.encoder, run.head).eval()
     values = metadata_values(run, Path(run_dir))

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .cli_errors import reports_input_errors
-from .errors import InputError
+from .errors import SclError
 from .expression import ReadOptions
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, MATRIX_CHOICES
 from .normalize import INPUT_KINDS
@@ -21,7 +21,7 @@ def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
     for pattern in patterns:
         found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not found:
-            raise InputError(f"{pattern}: matches no file.")
+            raise SclError(f"{pattern}: matches no file.")
         paths += found
     if shard:
         try:
@@ -29,14 +29,14 @@ def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
         except ValueError:
             k, n = -1, 0
         if not 0 <= k < n:  # an if, not an assert: python -O drops asserts
-            raise InputError(f"--shard {shard!r}: write K/N with 0 <= K < N, e.g. --shard $SLURM_ARRAY_TASK_ID/16.")
+            raise SclError(f"--shard {shard!r}: write K/N with 0 <= K < N, e.g. --shard $SLURM_ARRAY_TASK_ID/16.")
         paths = paths[k::n]
     return paths
 
 
 def output_for(path: str, output: str | None, output_dir: str | None, fmt: str | None, many: bool) -> str:
     if output and many:
-        raise InputError("--output names one file; with several inputs use --output-dir.")
+        raise SclError("--output names one file; with several inputs use --output-dir.")
     if output:
         return output
     name = Path(path).name
@@ -44,18 +44,6 @@ def output_for(path: str, output: str | None, output_dir: str | None, fmt: str |
         name = name.removesuffix(suffix)
     fmt = fmt or ("h5ad" if path.endswith(".h5ad") else "csv")
     return str(Path(output_dir or Path(path).parent) / f"{name}.scl.{fmt}")
-
-
-def parse_max_novelty(value: str | None) -> str | float | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        limit = float(value)
-    except ValueError:
-        limit = float("nan")
-    if not 0 <= limit <= 2:  # nan fails too
-        raise InputError(f"--max-novelty {value!r}: give auto (the model's per-class limits) or a cosine distance between 0 and 2.")
-    return limit
 
 
 def print_summary(report: dict) -> None:
@@ -70,6 +58,10 @@ def print_summary(report: dict) -> None:
         hint = "labelled unassigned" if novelty["unassigned_if_novel"] else "--max-novelty auto labels them unassigned"
         click.echo(f"  {novelty['novel_cells']:,} cells ({share:.1f}%) lie beyond their label's novelty limit ({novelty['limits']}), "
                    f"unlike its training cells (a type the model does not know, or data unlike its training data): {hint}")
+    votes = report.get("majority_voting")
+    if votes:
+        click.echo(f"  majority voting over {votes['clusters']:,} clusters ({votes['clusters_from']}): "
+                   f"{votes['heterogeneous_cells']:,} cells in clusters whose top label holds under {votes['min_share']:g} (heterogeneous)")
     width = max(len(k) for k in report["labels"]) if report["labels"] else 5
     for label, n in report["labels"].items():
         click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report['cells'], 1):5.1f}%")
@@ -82,10 +74,12 @@ def print_summary(report: dict) -> None:
   scl-annotate pbmc.h5ad --model model.onnx                 # writes pbmc.scl.h5ad beside it
   scl-annotate cells.csv.gz --model model.int8.onnx --output calls.csv --probabilities
   scl-annotate 'data/*.h5ad' --model model.onnx --output-dir out --shard 3/16 --report run.json
+  scl-annotate pbmc.h5ad --model model.onnx --over-clustering leiden   # majority voting per Leiden cluster
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
-scl_novelty (cosine distance to the label's training centroid), obsm['X_scl'] (embedding) and
-uns['scl']; or a CSV with one row per cell. Inputs are never modified.
+scl_novelty (cosine distance to the label's training centroid), scl_novel (beyond its label's
+novelty limit), with voting scl_cluster, scl_majority_label, scl_majority_share; obsm['X_scl']
+(embedding) and uns['scl']; or a CSV with one row per cell. Inputs are never modified.
 Cells of types the model never saw still get a known label, often with high confidence, but lie
 far from its centroid: the summary counts them, and --max-novelty auto labels them unassigned."""
 )
@@ -98,6 +92,10 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
 @click.option("--max-novelty", help="Label cells farther from their label's training centroid 'unassigned': auto (the model's per-class "
               "limits, set by scl-train from its training and held-out cells) or a cosine distance (0-2). Default: count them only.")
+@click.option("--majority-voting", is_flag=True, help="Give each cluster its most frequent label (scl_majority_label); clusters from "
+              "--over-clustering, else an automatic over-clustering of the embedding (needs scl[voting]).")
+@click.option("--over-clustering", help="obs column of an .h5ad input with clusters to vote in (implies --majority-voting).")
+@click.option("--min-share", default=0.5, show_default=True, help="Clusters whose top label holds a smaller share are 'heterogeneous'.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="Blocks annotated at once, each on one core; default: all cores.")
 @click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
@@ -111,28 +109,24 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
-def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, max_novelty, device, threads, matrix, gene_column, input_kind,
-         genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
+def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, max_novelty, majority_voting, over_clustering, min_share,
+         device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
-    from .annotate import AnnotateOptions, annotate_file, available_cores, novelty_limits
-    from .session import AnnotationSession
+    from .annotate import FileOptions, annotate_file
+    from .annotator import AnnotateOptions, Annotator
 
     paths = expand_inputs(inputs, shard)
-    max_novelty = parse_max_novelty(max_novelty)  # a typo fails before the model loads
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-    session = AnnotationSession(model, device, threads=1)  # blocks run in parallel instead (annotate.py says why)
-    for note in session.notes:
-        click.echo(note, err=True)
-    novelty_limits(session, max_novelty)  # --max-novelty auto on a model without limits fails before any file
-    workers = 2 if session.provider == "CUDAExecutionProvider" else threads or available_cores()  # on CUDA: prepare one block while the GPU runs another
+    annotator = Annotator(model, device, threads)
+    annotator.novelty_limits(max_novelty)  # a bad --max-novelty, or auto on a model without limits, fails before any file
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, probabilities=probabilities,
-                              progress=not quiet, workers=workers)
+    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet)
+    file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
     reports = []
     for path in paths:
-        result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), session, read, options)
+        result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), annotator, read, options, file_options)
         reports.append(result)
         if not quiet:
             print_summary(result)

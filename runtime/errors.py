@@ -1,5 +1,42 @@
-"""The one exception type the command line turns into a one-line message and a non-zero exit."""
+"""scl's one exception type: bad input from the user, with a message that names the problem and the fix.
+
+Library callers catch `scl.SclError` (or ValueError, its base). Messages speak of settings by name, not by command-line
+flag: `options` lists the settings that fix the problem, and each front end says them its own way (the CLI as
+`--gene-column`, Python as `gene_column=`).
+"""
+
+from __future__ import annotations
 
 
-class InputError(Exception):
-    """Bad input from the user. The message names the problem and the fix, on one line."""
+class SclError(ValueError):
+    """Bad input: the message names the problem and the fix, on one line.
+
+    Examples
+    --------
+    >>> try:
+    ...     scl.annotate(adata, "model.onnx")
+    ... except scl.SclError as err:
+    ...     print(err)
+    """
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.message = message
+        self.options = options  # setting names in Python's spelling, e.g. "gene_column"
+
+    def __str__(self) -> str:
+        return self.with_options(str)
+
+    def with_options(self, spell) -> str:
+        """The message and the settings that fix it, each spelled by `spell` (the CLI's: name -> --flag-name)."""
+        if not self.options:
+            return self.message
+        return f"{self.message} (see {', '.join(spell(o) for o in self.options)})"
+
+
+class ModelError(SclError):
+    """The model file is missing, unreadable or inconsistent."""
+
+
+class GeneOverlapError(SclError):
+    """Too few of the model's genes are in the input."""

@@ -1,25 +1,27 @@
-"""One entry point for every input format: cells aligned to a model's genes, in blocks.
+"""One entry point for every input, a file or cells in memory: cells aligned to a model's genes, in blocks.
 
-    source = ExpressionFile("pbmc.h5ad", model_genes, ReadOptions())
+    source = ExpressionSource("pbmc.h5ad", model_genes, ReadOptions())        # or a MemoryMatrix (in_memory.py)
     for cell_ids, x in source.blocks(normalise=True):   # x: float32 [cells, model genes]
         ...
 
-scl-annotate splits the two steps: raw_blocks() reads (in one thread), dense() aligns (in several).
+The annotator splits the two steps: raw_blocks() reads (in one thread), dense() checks and aligns (in several).
 
-Training and the runtime both read through here, so they see identical numbers.
+Training, scl-annotate, scl-serve and the Python API all read through here, so they see identical numbers.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import SclError
 from .genes import GeneAlignment, align_genes, aligned_dense, looks_like_ensembl, to_symbols
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile
-from .normalize import check_values, detect_input_kind
+from .in_memory import MemoryMatrix
+from .normalize import check_kind, check_values, detect_input_kind
 from .text_matrix import TextMatrix, is_text_matrix
 
 
@@ -40,11 +42,16 @@ def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:
     return H5adFile(path, options.matrix, options.csc_limit_bytes)
 
 
-class ExpressionFile:
-    def __init__(self, path: str, model_genes, options: ReadOptions | None = None):
-        self.path = path
+class ExpressionSource:
+    """Cells of a file (path) or in memory (a MemoryMatrix), checked and aligned to `model_genes` block by block."""
+
+    def __init__(self, path_or_matrix: str | os.PathLike | MemoryMatrix, model_genes, options: ReadOptions | None = None):
         self.options = options or ReadOptions()
-        self.matrix = open_matrix(path, self.options)
+        if isinstance(path_or_matrix, MemoryMatrix):
+            self.path, self.matrix, self.is_file = path_or_matrix.matrix_name, path_or_matrix, False
+        else:
+            self.path, self.is_file = str(path_or_matrix), True
+            self.matrix = open_matrix(self.path, self.options)
         try:
             self._setup(model_genes)
         except Exception:
@@ -56,27 +63,26 @@ class ExpressionFile:
         names = self.matrix.var_names
         self.gene_source = "var index"
         if opts.gene_column:
-            if not isinstance(self.matrix, H5adFile):
-                raise InputError(f"{self.path}: --gene-column applies to .h5ad files; a text file's genes are its header.")
             names, self.gene_source = self.matrix.var_column(opts.gene_column), f"var[{opts.gene_column!r}]"
-        elif isinstance(self.matrix, H5adFile) and "feature_name" in self.matrix.var_columns and looks_like_ensembl(names):
+        elif "feature_name" in self.matrix.var_columns and looks_like_ensembl(names):
             names, self.gene_source = self.matrix.var_column("feature_name"), "var['feature_name'] (the index holds IDs)"
         self.gene_symbols, self.ensembl_mapped = to_symbols(names)
         if self.ensembl_mapped:
             self.gene_source += f", {self.ensembl_mapped} Ensembl IDs mapped to symbols (GENCODE v44)"
         self.cell_ids = self.matrix.cell_ids
-        if self.cell_ids is not None:
+        if self.cell_ids is not None and self.is_file:  # outputs are keyed by id; in memory, results go back by position
             _refuse_duplicate_ids(self.cell_ids, self.path)
         stream = self._raw_blocks()
         first = next(stream, None)
         if first is None:
-            raise InputError(f"{self.path}: the file holds no cells.")
+            raise SclError(f"{self.path}: the file holds no cells.")
         self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
         check_values(first[1], self.path)
+        self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
             self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
         else:
-            self.input_kind, self.kind_evidence = opts.input_kind, "set by --input-kind"
+            self.input_kind, self.kind_evidence = opts.input_kind, "as stated by the caller"
         self.alignment: GeneAlignment = align_genes(
             self.gene_symbols, model_genes, opts.min_genes, sum_duplicates=self.input_kind == "counts", source=self.path
         )
@@ -90,13 +96,7 @@ class ExpressionFile:
         return self.matrix.matrix_name
 
     def _raw_blocks(self):
-        size = self.options.block_size
-        if isinstance(self.matrix, TextMatrix):
-            yield from self.matrix.blocks(size)
-            return
-        for start in range(0, len(self.cell_ids), size):
-            stop = min(start + size, len(self.cell_ids))
-            yield self.cell_ids[start:stop], self.matrix.matrix.rows(start, stop)
+        return self.matrix.blocks(self.options.block_size)
 
     def raw_blocks(self):
         """(cell ids, the block as stored): dense rows or SparseRows, not yet checked or aligned."""
@@ -111,10 +111,12 @@ class ExpressionFile:
                 _refuse_duplicate_ids(ids, self.path, seen)
             yield ids, raw
 
-    def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None) -> np.ndarray:
+    def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
         """A raw block checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
-        `buffer` (see aligned_dense) is overwritten."""
+        `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
         check_values(raw, self.path)
+        if self.kind_checked:
+            check_kind(raw, self.input_kind, cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows), self.path)
         return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
 
     def block_buffer(self) -> np.ndarray:
@@ -124,7 +126,7 @@ class ExpressionFile:
     def blocks(self, normalise: bool = True):
         """(cell ids, float32 [cells, model genes]); log1p(CP10k) when normalise, else as stored (aligned)."""
         for ids, raw in self.raw_blocks():
-            yield ids, self.dense(raw, normalise)
+            yield ids, self.dense(raw, normalise, cell_ids=ids)
 
     def describe(self) -> dict:
         return {
@@ -154,7 +156,7 @@ def _refuse_duplicate_ids(ids, path: str, seen: set | None = None) -> None:
     else:
         dups = [i for i in ids if i in seen or seen.add(i)]
     if len(dups):
-        raise InputError(
+        raise SclError(
             f"{path}: cell id {str(dups[0])!r} occurs more than once ({len(dups)} duplicated); "
             "make the ids unique (adata.obs_names_make_unique(), or fix the first column) and save again."
         )

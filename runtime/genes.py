@@ -22,7 +22,7 @@ from importlib import resources
 import numpy as np
 from scipy import sparse
 
-from .errors import InputError
+from .errors import GeneOverlapError
 from .normalize import TARGET_SUM, lognorm
 
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
@@ -146,10 +146,10 @@ def align_genes(
         min_overlap = default_min_overlap(len(index))
     if matched < min_overlap:
         example = ", ".join(map(str, input_genes[:3]))
-        raise InputError(
+        raise GeneOverlapError(
             f"{source}: only {matched} of the model's {len(index)} genes are in the input "
             f"({len(input_genes)} genes, e.g. {example}); at least {min_overlap} are needed: use gene symbols "
-            "or Ensembl IDs (--gene-column to pick a var column), or lower --min-genes."
+            "or Ensembl IDs (from a var column where the index holds something else), or lower the minimum.", "gene_column", "min_genes"
         )
     is_missing = np.ones(len(index), dtype=bool)
     is_missing[list(taken)] = False

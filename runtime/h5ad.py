@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .errors import InputError
+from .errors import SclError
 
 MATRIX_CHOICES = ("auto", "X", "layers/counts", "raw/X")
 DEFAULT_CSC_LIMIT_BYTES = 2 * 1024**3
@@ -42,15 +42,15 @@ def csc_to_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape:
 
 def open_h5ad(path: str) -> h5py.File:
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file; check the path.")
+        raise SclError(f"{path}: no such file; check the path.")
     if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: the file is empty (0 bytes); write the AnnData again with adata.write_h5ad().")
+        raise SclError(f"{path}: the file is empty (0 bytes); write the AnnData again with adata.write_h5ad().")
     if not h5py.is_hdf5(path):
-        raise InputError(f"{path}: not an HDF5 file, so not an .h5ad; for text matrices use a .csv/.tsv(.gz) name.")
+        raise SclError(f"{path}: not an HDF5 file, so not an .h5ad; for text matrices use a .csv/.tsv(.gz) name.")
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise InputError(
+        raise SclError(
             f"{path}: the HDF5 file cannot be opened ({str(err).splitlines()[0]}); "
             "it is probably truncated or still being written: copy or write it again."
         ) from None
@@ -79,13 +79,13 @@ def read_array(elem: h5py.Dataset | h5py.Group) -> np.ndarray:
         if h5py.check_string_dtype(elem.dtype) is not None:
             return np.array(elem.asstr()[()], dtype=object)
         return _decode(elem[()])
-    raise InputError(f"{elem.file.filename}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
+    raise SclError(f"{elem.file.filename}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
 
 
 def read_dataframe(group: h5py.Group) -> tuple[np.ndarray, dict[str, h5py.Dataset | h5py.Group]]:
     """The index of an anndata dataframe (obs, var) and its columns, unread."""
     if isinstance(group, h5py.Dataset):
-        raise InputError(
+        raise SclError(
             f"{group.file.filename}: {group.name} uses the pre-0.7 anndata layout; "
             "read and save it once with a current anndata (ad.read_h5ad(f).write_h5ad(f2))."
         )
@@ -109,7 +109,7 @@ class Matrix:
         self.format = elem.attrs.get("encoding-type", elem.attrs.get("h5sparse_format", ""))
         self.format = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(self.format, self.format)
         if self.format not in ("csr_matrix", "csc_matrix"):
-            raise InputError(f"{elem.file.filename}: {name} has encoding {self.format!r}; scl reads dense, CSR and CSC matrices.")
+            raise SclError(f"{elem.file.filename}: {name} has encoding {self.format!r}; scl reads dense, CSR and CSC matrices.")
         self.shape = tuple(int(s) for s in elem.attrs.get("shape", elem.attrs.get("h5sparse_shape")))
         self.dtype = elem["data"].dtype
         self._csr_in_memory = None
@@ -120,10 +120,10 @@ class Matrix:
         data, indices, indptr = self.elem["data"], self.elem["indices"], self.elem["indptr"]
         needed = 3 * data.size * (data.dtype.itemsize + 8)  # data, row and column ids, and a sort order
         if needed > limit:
-            raise InputError(
+            raise SclError(
                 f"{self.elem.file.filename}: {self.name} is stored by genes (CSC) and reading it by cells needs "
                 f"about {needed / 1024**3:.1f} GiB, above the {limit / 1024**3:.1f} GiB limit; save it as CSR once "
-                "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)) or raise --csc-memory-limit."
+                "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)) or raise the limit.", "csc_memory_limit"
             )
         return csc_to_csr(data[()], indices[()], indptr[()], self.shape)
 
@@ -153,14 +153,14 @@ class H5adFile:
             self.var_names, self.var_columns = read_dataframe(var_group)
         except KeyError as err:
             self.file.close()
-            raise InputError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad?") from None
+            raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad?") from None
         except Exception:
             self.file.close()
             raise
         n_obs, n_var = len(self.cell_ids), len(self.var_names)
         if self.matrix.shape != (n_obs, n_var):
             self.file.close()
-            raise InputError(
+            raise SclError(
                 f"{path}: {self.matrix_name} is {self.matrix.shape[0]} x {self.matrix.shape[1]} but obs/var "
                 f"hold {n_obs} x {n_var}; the file is inconsistent: write it again with anndata."
             )
@@ -171,17 +171,23 @@ class H5adFile:
             for name in ("layers/counts", "raw/X", "X"):  # raw counts first, where the file keeps them
                 if name in self.file:
                     return name
-            raise InputError(f"{self.path}: the file has no X, layers/counts or raw/X; nothing to annotate.")
+            raise SclError(f"{self.path}: the file has no X, layers/counts or raw/X; nothing to annotate.")
         if wanted not in self.file:
             layers = [f"layers/{k}" for k in self.file.get("layers", {})]
-            raise InputError(
-                f"{self.path}: there is no {wanted} in the file; choose one of {', '.join(present + layers) or 'nothing'}."
+            raise SclError(
+                f"{self.path}: there is no {wanted} in the file; choose one of {', '.join(present + layers) or 'nothing'}.", "matrix"
             )
         return wanted
 
+    def blocks(self, size: int):
+        """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""
+        for start in range(0, len(self.cell_ids), size):
+            stop = min(start + size, len(self.cell_ids))
+            yield self.cell_ids[start:stop], self.matrix.rows(start, stop)
+
     def obs_column(self, key: str) -> np.ndarray:
         if key not in self.obs_columns:
-            raise InputError(
+            raise SclError(
                 f"{self.path}: obs has no column {key!r}; choose one of: {', '.join(sorted(self.obs_columns)) or '(none)'}."
             )
         return read_array(self.obs_columns[key])
@@ -189,8 +195,8 @@ class H5adFile:
     def var_column(self, key: str) -> np.ndarray:
         if key not in self.var_columns:
             where = "raw/var" if self.matrix_name == "raw/X" else "var"
-            raise InputError(
-                f"{self.path}: {where} has no column {key!r}; choose one of: {', '.join(sorted(self.var_columns)) or '(none)'}."
+            raise SclError(
+                f"{self.path}: {where} has no column {key!r}; choose one of: {', '.join(sorted(self.var_columns)) or '(none)'}.", "gene_column"
             )
         return read_array(self.var_columns[key]).astype(str).astype(object)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import InputError
+from .errors import ModelError
 
 FORMAT_VERSION = 1
 INPUT_COUNTS = "counts"  # float32 [cells, genes]: values aligned to scl.gene_order
@@ -21,8 +21,8 @@ def encode(values: dict) -> dict[str, str]:
 def decode(props: dict[str, str], source: str) -> dict:
     missing = [k for k in KEYS if f"scl.{k}" not in props]
     if missing:
-        raise InputError(f"{source}: an ONNX model without scl metadata ({', '.join(missing)} missing); export it with scl-export.")
+        raise ModelError(f"{source}: an ONNX model without scl metadata ({', '.join(missing)} missing); export it with scl-export.")
     meta = {k: json.loads(props[f"scl.{k}"]) for k in KEYS + OPTIONAL_KEYS if f"scl.{k}" in props}
     if meta["format_version"] > FORMAT_VERSION:
-        raise InputError(f"{source}: model format {meta['format_version']} is newer than this scl reads ({FORMAT_VERSION}); upgrade scl.")
+        raise ModelError(f"{source}: model format {meta['format_version']} is newer than this scl reads ({FORMAT_VERSION}); upgrade scl.")
     return meta

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import SclError
 
 TARGET_SUM = 1e4
 INPUT_KINDS = ("auto", "counts", "lognorm")
@@ -30,12 +30,36 @@ def check_values(block, where: str) -> None:
     """Refuse NaN, inf and negative values, naming where they are."""
     values = _values(block)
     if values.dtype.kind == "f" and not np.isfinite(values).all():
-        raise InputError(f"{where}: the matrix holds NaN or infinite values; replace them (e.g. with 0) or fix the upstream step that made them.")
+        raise SclError(f"{where}: the matrix holds NaN or infinite values; replace them (e.g. with 0) or fix the upstream step that made them.")
     if values.size and values.min() < 0:
-        raise InputError(
+        raise SclError(
             f"{where}: the matrix holds negative values (min {values.min():.3g}), so it is scaled, not counts; "
-            "use raw counts (--matrix layers/counts or raw/X) or log1p-normalised values."
+            "use raw counts (the layers/counts or raw/X matrix) or log1p-normalised values.", "matrix"
         )
+
+
+def _row_of(block, value_index: int) -> int:
+    if isinstance(block, np.ndarray):
+        return value_index // block.shape[1]
+    return int(np.searchsorted(block.indptr, value_index, side="right") - 1)
+
+
+def check_kind(block, kind: str, cell_ids, where: str) -> None:
+    """Refuse a block whose values do not fit the kind judged on the first block, naming the first such cell:
+    a matrix that mixes raw counts with normalised cells would otherwise be normalised wrongly without a word."""
+    values = _values(block)
+    if kind == "counts" and values.dtype.kind == "f" and values.size:
+        off = np.flatnonzero(np.abs(values - np.rint(values)) > 1e-4)
+        if off.size:
+            cell = cell_ids[_row_of(block, int(off[0]))]
+            raise SclError(f"{where}: cell {cell!r} holds non-integer values ({values[off[0]]:.4g}) but the first cells are raw "
+                           "counts; the matrix mixes counts with normalised values: annotate each kind apart.", "input_kind")
+    if kind == "lognorm":
+        sums = _expm1_row_sums(block)
+        bad = np.flatnonzero((sums > 0) & (np.abs(sums / TARGET_SUM - 1) >= 0.02))
+        if bad.size:
+            raise SclError(f"{where}: cell {cell_ids[bad[0]]!r} is not log1p(counts per 1e4) (expm1 row sum {sums[bad[0]]:.4g}) "
+                           "but the first cells are; the matrix mixes kinds: annotate each kind apart.", "input_kind")
 
 
 def _expm1_row_sums(block) -> np.ndarray:
@@ -54,8 +78,8 @@ def detect_input_kind(block, where: str) -> tuple[str, str]:
     sums = sums[sums > 0]
     if sums.size and np.all(np.abs(sums / TARGET_SUM - 1) < 0.02):
         return "lognorm", f"values are non-integer and expm1 row sums are {np.median(sums):.0f} (log1p of counts per 1e4)"
-    raise InputError(
+    raise SclError(
         f"{where}: values are neither integer counts nor log1p(counts per 1e4) (median expm1 row sum "
-        f"{np.median(sums) if sums.size else 0:.4g}); pass raw counts (--matrix layers/counts or raw/X), "
-        "or --input-kind lognorm if they are log-normalised to another total."
+        f"{np.median(sums) if sums.size else 0:.4g}); pass raw counts (the layers/counts or raw/X matrix), "
+        "or say the input kind is lognorm if they are log-normalised to another total.", "matrix", "input_kind"
     )

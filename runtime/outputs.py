@@ -1,50 +1,63 @@
 """Annotation outputs, written block by block so memory stays flat: CSV, or h5ad in anndata's encoding.
 
-An .h5ad output is a copy of an .h5ad input with obs columns (scl_label, scl_confidence,
-scl_second_label, scl_second_probability, scl_novelty), obsm['X_scl'] (the embedding),
-optionally obsm['scl_probabilities'], and uns['scl'] (the run's report as JSON). From a text
-input it is a new .h5ad with those and no X.
+Both write the columns declared in calls.py, as result.py names them for AnnData. An .h5ad output is a copy of an
+.h5ad input with obs columns scl_<column>, obsm['X_scl'] (the embedding), optionally obsm['scl_probabilities'], and
+uns['scl'] (the run's report as JSON). From a text input it is a new .h5ad with those and no X.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 
 import h5py
 import numpy as np
 
-from .labels import UNASSIGNED, CellCalls, label_names
+from .calls import COLUMNS, UNASSIGNED, VOTING_COLUMNS, Column, as_values
+from .result import embedding_key, obs_name, probabilities_key
 
-COLUMNS = ("scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty")
 STR = h5py.string_dtype()
+KEY = "scl"  # key_added of files: obs scl_label, obsm X_scl, uns scl
+
+
+def _text(column: Column, values: np.ndarray, classes: list[str]) -> list[str]:
+    if column.kind == "float":
+        return [f"{v:.5f}" for v in values]
+    return [str(v) for v in as_values(column, values, classes)]
 
 
 class CsvOutput:
-    def __init__(self, tmp_path: str, classes: list[str], probabilities: bool):
-        self.classes = classes
-        self.fh = open(tmp_path, "w", newline="")
-        header = ["cell_id", "label", "confidence", "second_label", "second_probability", "novelty"]
-        header += [f"p_{c}" for c in classes] if probabilities else []
-        self.fh.write(",".join(_csv(h) for h in header) + "\n")
-        self.probabilities = probabilities
+    """One row per cell: cell_id, then the columns, then p_<class> with probabilities."""
 
-    def write(self, ids, calls: CellCalls, embedding: np.ndarray, probs: np.ndarray) -> None:
-        labels, seconds = label_names(self.classes, calls.label), label_names(self.classes, calls.second_label)
-        lines = []
-        for i, cell in enumerate(ids):
-            row = [_csv(str(cell)), _csv(labels[i]), f"{calls.confidence[i]:.5f}", _csv(seconds[i]), f"{calls.second_probability[i]:.5f}", f"{calls.novelty[i]:.5f}"]
-            if self.probabilities:
-                row += [f"{p:.5f}" for p in probs[i]]
-            lines.append(",".join(row))
-        self.fh.write("\n".join(lines) + "\n")
+    def __init__(self, tmp_path: str, classes: list[str], columns: list[Column], probabilities: bool):
+        self.path, self.classes, self.columns, self.probabilities = tmp_path, classes, columns, probabilities
+        self.fh = open(tmp_path, "w", newline="")
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        header = ["cell_id"] + [c.name for c in columns] + ([f"p_{c}" for c in classes] if probabilities else [])
+        self.writer.writerow(header)
+
+    def write(self, ids, calls: dict, embedding: np.ndarray, probs: np.ndarray) -> None:
+        fields = [list(map(str, ids))] + [_text(c, calls[c.name], self.classes) for c in self.columns]
+        if self.probabilities:
+            fields += [[f"{p:.5f}" for p in probs[:, j]] for j in range(probs.shape[1])]
+        self.writer.writerows(zip(*fields))
+
+    def add_columns(self, columns: list[Column], values: dict) -> None:
+        """Append columns computed over all cells (majority voting): one more streaming pass over the rows."""
+        self.fh.close()
+        extra = [_text(c, values[c.name], self.classes) for c in columns]
+        with open(self.path, newline="") as src, open(self.path + ".more", "w", newline="") as dst:
+            reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
+            writer.writerow(next(reader) + [c.name for c in columns])
+            for i, row in enumerate(reader):
+                writer.writerow(row + [e[i] for e in extra])
+        os.replace(self.path + ".more", self.path)
+        self.fh = open(self.path, "a")
 
     def close(self, report: dict) -> None:
         self.fh.close()
-
-
-def _csv(value: str) -> str:
-    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
 
 
 def _attrs(elem, kind: str, version: str = "0.2.0", **extra) -> None:
@@ -67,38 +80,45 @@ def _append(ds, values) -> None:
     ds[n:] = values
 
 
+def _categorical(obs, name: str, categories: np.ndarray):
+    group = obs.create_group(name)
+    _attrs(group, "categorical", ordered=False)
+    _attrs(group.create_dataset("categories", data=np.asarray(categories, dtype=object), dtype=STR), "string-array")
+    return group
+
+
 class H5adOutput:
-    def __init__(self, tmp_path: str, input_h5ad: str | None, classes: list[str], latent: int, probabilities: bool):
+    def __init__(self, tmp_path: str, input_h5ad: str | None, classes: list[str], columns: list[Column], latent: int, probabilities: bool):
         if input_h5ad:
             shutil.copyfile(input_h5ad, tmp_path)
         self.file = h5py.File(tmp_path, "r+" if input_h5ad else "w")
-        self.classes = classes
+        self.classes, self.columns = classes, columns
         self.new_file = input_h5ad is None
         if self.new_file:
             self._skeleton()
-        obs = self.file["obs"]
-        for name in COLUMNS:
-            if name in obs:
-                del obs[name]  # re-annotating replaces the previous calls
-        categories = np.array(list(classes) + [UNASSIGNED], dtype=object)
-        self.columns = {}
-        for name in COLUMNS:
-            if name in ("scl_label", "scl_second_label"):
-                group = obs.create_group(name)
-                _attrs(group, "categorical", ordered=False)
-                _attrs(group.create_dataset("categories", data=categories, dtype=STR), "string-array")
-                self.columns[name] = _growable(group, "codes", np.int16)
-            else:
-                self.columns[name] = _growable(obs, name, np.float32)
-        order = [str(c) for c in obs.attrs.get("column-order", []) if str(c) not in COLUMNS]
-        obs.attrs["column-order"] = np.array(order + list(COLUMNS), dtype=STR)
+        obs = self.obs = self.file["obs"]
+        for column in COLUMNS + VOTING_COLUMNS:
+            if obs_name(KEY, column) in obs:
+                del obs[obs_name(KEY, column)]  # re-annotating replaces the previous calls
+        self.datasets = {c.name: self._column(c) for c in columns}
+        self._column_order([obs_name(KEY, c) for c in columns])
         obsm = self.file.require_group("obsm")
         _attrs(obsm, "dict", "0.1.0")
-        for key in ("X_scl", "scl_probabilities"):
+        for key in (embedding_key(KEY), probabilities_key(KEY)):
             if key in obsm:
                 del obsm[key]
-        self.embedding = _growable(obsm, "X_scl", np.float32, latent)
-        self.probabilities = _growable(obsm, "scl_probabilities", np.float32, len(classes)) if probabilities else None
+        self.embedding = _growable(obsm, embedding_key(KEY), np.float32, latent)
+        self.probabilities = _growable(obsm, probabilities_key(KEY), np.float32, len(classes)) if probabilities else None
+
+    def _column(self, column: Column):
+        name = obs_name(KEY, column)
+        if column.kind == "label":
+            return _growable(_categorical(self.obs, name, list(self.classes) + [UNASSIGNED]), "codes", np.int16)
+        return _growable(self.obs, name, np.float32 if column.kind == "float" else bool)
+
+    def _column_order(self, names: list[str]) -> None:
+        order = [str(c) for c in self.obs.attrs.get("column-order", []) if str(c) not in names]
+        self.obs.attrs["column-order"] = np.array(order + names, dtype=STR)
 
     def _skeleton(self) -> None:
         _attrs(self.file, "anndata", "0.1.0")
@@ -110,24 +130,36 @@ class H5adOutput:
         for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
             _attrs(self.file.create_group(name), "dict", "0.1.0")
 
-    def write(self, ids, calls: CellCalls, embedding: np.ndarray, probs: np.ndarray) -> None:
+    def write(self, ids, calls: dict, embedding: np.ndarray, probs: np.ndarray) -> None:
         if self.new_file:
             _append(self.file["obs/_index"], np.asarray(ids, dtype=object))
         n = len(self.classes)
-        _append(self.columns["scl_label"], np.where(calls.label < 0, n, calls.label).astype(np.int16))
-        _append(self.columns["scl_second_label"], calls.second_label.astype(np.int16))
-        for name, values in (("scl_confidence", calls.confidence), ("scl_second_probability", calls.second_probability), ("scl_novelty", calls.novelty)):
-            _append(self.columns[name], values.astype(np.float32))
+        for column in self.columns:
+            values = calls[column.name]
+            if column.kind == "label":
+                values = np.where(values < 0, n, values).astype(np.int16)  # -1 (unassigned) is the last category
+            _append(self.datasets[column.name], values)
         _append(self.embedding, embedding.astype(np.float32))
         if self.probabilities is not None:
             _append(self.probabilities, probs.astype(np.float32))
 
+    def add_columns(self, columns: list[Column], values: dict) -> None:
+        """Columns computed over all cells (majority voting), written whole."""
+        for column in columns:
+            name = obs_name(KEY, column)
+            if column.kind == "category":
+                categories, codes = np.unique(np.asarray(values[column.name], dtype=str), return_inverse=True)
+                _attrs(_categorical(self.obs, name, categories).create_dataset("codes", data=codes.astype(np.int32)), "array")
+            else:
+                _attrs(self.obs.create_dataset(name, data=np.asarray(values[column.name], dtype=np.float32)), "array")
+        self._column_order([obs_name(KEY, c) for c in self.columns + list(columns)])
+
     def close(self, report: dict) -> None:
         uns = self.file.require_group("uns")
         _attrs(uns, "dict", "0.1.0")
-        if "scl" in uns:
-            del uns["scl"]
-        group = uns.create_group("scl")
+        if KEY in uns:
+            del uns[KEY]
+        group = uns.create_group(KEY)
         _attrs(group, "dict", "0.1.0")
         for key, value in (("report_json", json.dumps(report)), ("model", report["model"]["path"]), ("provider", report["model"]["provider"])):
             ds = group.create_dataset(key, data=value, dtype=STR)

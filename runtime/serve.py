@@ -1,8 +1,11 @@
-"""scl's HTTP service: the annotation model behind FastAPI, on the same code path as scl-annotate.
+"""scl's HTTP service: the annotation model behind FastAPI, on the annotation core that scl-annotate and `import scl` use.
 
-Requests are aligned with genes.align_genes/aligned_dense and normalised inside the ONNX graph, exactly
-as files are; inference runs in a worker thread on one shared onnxruntime session, concurrent requests
-micro-batched into one run.
+A request becomes a block of cells (sparse for gene maps, so a request costs what it holds, not cells x every gene
+named), then goes through exactly the steps a file does: values checked, input kind judged (or taken as stated),
+genes aligned, counts normalised on their nonzeros (annotator.py). Inference runs in a worker thread on one shared
+onnxruntime session, the normalised rows of concurrent requests micro-batched into one run. One difference from
+files: a request's gene map lists only the genes detected in that cell, so the minimum-genes rule for files (how
+many of the model's genes the file's columns cover) does not apply; any cell with one known gene is annotated.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator, model_validator
+from scipy import sparse
 
-from .errors import InputError
-from .genes import align_genes, aligned_dense
-from .labels import call_cells, label_names
-from .normalize import check_values
-from .session import AnnotationSession, Prediction
+from .annotator import AnnotateOptions, Annotator
+from .calls import json_value
+from .errors import SclError
+from .expression import ExpressionSource, ReadOptions
+from .in_memory import MemoryMatrix
+from .session import Prediction
 
-InputKind = Literal["counts", "lognorm"]
+InputKind = Literal["auto", "counts", "lognorm"]
 
 
 def _finite(values) -> None:
@@ -35,7 +40,7 @@ def _finite(values) -> None:
 class Cell(BaseModel):
     expression: dict[str, float] = Field(description="gene symbol -> raw count (or log1p(CP10k) with input_kind='lognorm')", min_length=1)
     top_k: int = Field(3, ge=1, le=100)
-    input_kind: InputKind = "counts"
+    input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
 
     @field_validator("expression")
     @classmethod
@@ -52,7 +57,7 @@ class Batch(BaseModel):
     values: list[list[float]] | None = None
     cell_ids: list[str] | None = None
     top_k: int = Field(3, ge=1, le=100)
-    input_kind: InputKind = "counts"
+    input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -72,16 +77,27 @@ class Batch(BaseModel):
         return self
 
 
-def _matrix(batch: Batch) -> tuple[list[str], np.ndarray]:
+def _gene_maps_to_rows(cells: list[dict[str, float]]) -> tuple[list[str], sparse.csr_matrix]:
+    """Gene maps as CSR rows over the genes they name: memory grows with what was sent, not cells x genes."""
+    column: dict[str, int] = {}
+    indices, data, indptr = [], [], [0]
+    for cell in cells:
+        for gene, value in cell.items():
+            if value:
+                indices.append(column.setdefault(gene, len(column)))
+                data.append(value)
+        indptr.append(len(data))
+    for cell in cells:  # a gene sent only with zeros still counts as a column of the request
+        for gene in cell:
+            column.setdefault(gene, len(column))
+    rows = sparse.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)), shape=(len(cells), len(column)))
+    return list(column), rows
+
+
+def _matrix(batch: Batch):
     if batch.genes is not None:
         return batch.genes, np.asarray(batch.values, dtype=np.float32).reshape(len(batch.values), len(batch.genes))
-    genes = sorted({g for cell in batch.cells for g in cell})
-    column = {g: i for i, g in enumerate(genes)}
-    x = np.zeros((len(batch.cells), len(genes)), dtype=np.float32)
-    for row, cell in enumerate(batch.cells):
-        for gene, value in cell.items():
-            x[row, column[gene]] = value
-    return genes, x
+    return _gene_maps_to_rows(batch.cells)
 
 
 class MicroBatcher:
@@ -92,18 +108,18 @@ class MicroBatcher:
     weight matrix (~115 MB at SCimilarity's size), so batching is nearly free throughput under concurrency.
     """
 
-    def __init__(self, session: AnnotationSession, max_cells: int = 2048):
-        self.session = session
+    def __init__(self, annotator: Annotator, max_cells: int = 2048):
+        self.annotator = annotator
         self.max_cells = max_cells
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
 
-    async def predict(self, x: np.ndarray, is_lognorm: bool) -> Prediction:
+    async def predict(self, rows: np.ndarray) -> Prediction:
         if self.worker is None or self.worker.done():
             self.queue = asyncio.Queue()
             self.worker = asyncio.get_running_loop().create_task(self._work())
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, is_lognorm, future))
+        await self.queue.put((rows, future))
         return await future
 
     async def _work(self) -> None:
@@ -113,86 +129,84 @@ class MicroBatcher:
             while not self.queue.empty() and cells < self.max_cells:
                 batch.append(self.queue.get_nowait())
                 cells += len(batch[-1][0])
-            for flag in (False, True):
-                group = [item for item in batch if item[1] == flag and not item[2].done()]
-                if group:
-                    await self._run(group, flag)
+            group = [item for item in batch if not item[1].done()]
+            if group:
+                await self._run(group)
 
-    async def _run(self, group: list, is_lognorm: bool) -> None:
+    async def _run(self, group: list) -> None:
         try:
-            pred = await run_in_threadpool(self.session.predict, np.concatenate([x for x, _, _ in group]), is_lognorm)
+            pred = await run_in_threadpool(self.annotator.predict, np.concatenate([x for x, _ in group]))
         except Exception as err:  # hand the error to every waiting request
-            for _, _, future in group:
+            for _, future in group:
                 if not future.done():
                     future.set_exception(err)
             return
         start = 0
-        for x, _, future in group:
+        for x, future in group:
             stop = start + len(x)
             if not future.done():  # a request that timed out is no longer waiting
                 future.set_result(Prediction(pred.probabilities[start:stop], pred.embedding[start:stop]))
             start = stop
 
 
-def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_bytes: int = 64 * 1024**2,
+def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int = 64 * 1024**2,
                timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True) -> FastAPI:
     app = FastAPI(title="scl annotation service", version=version("scl"), max_body_size=max_body_bytes,
-                  description="Cell-type annotation with an scl ONNX model. Raw counts by default; input_kind='lognorm' for log1p(CP10k).")
+                  description="Cell-type annotation with an scl ONNX model. Raw counts or log1p(CP10k), judged from the values.")
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"])
 
-    batcher = MicroBatcher(session)
+    batcher = MicroBatcher(annotator)
+    session, columns, calling = annotator.session, annotator.columns, AnnotateOptions(progress=False)
 
-    def align(genes: list[str], x: np.ndarray, input_kind: str):
-        alignment = align_genes(genes, session.gene_order, min_overlap=1, sum_duplicates=input_kind == "counts", source="request")
-        check_values(x, "request")
-        return alignment, aligned_dense(x, alignment)
+    def prepare(genes: list[str], x, input_kind: str, cell_ids) -> tuple[np.ndarray, ExpressionSource, np.ndarray]:
+        """The request as the model's input rows, through the same checks and steps as a file's block."""
+        ids = cell_ids or [str(i) for i in range(x.shape[0])]
+        read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=max(x.shape[0], 1))
+        with ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read) as source:
+            (block_ids, raw), = source.raw_blocks()
+            rows = annotator.prepare(source, raw, cell_ids=block_ids)
+        nonzero = x if sparse.issparse(x) else sparse.csr_matrix(x)
+        sent = np.diff(nonzero.indptr)
+        matched = np.bincount(np.repeat(np.arange(len(sent)), sent), weights=source.alignment.model_index[nonzero.indices] >= 0, minlength=len(sent))
+        return rows, source, np.stack([matched.astype(np.int64), sent], axis=1)
 
-    def describe(pred: Prediction, alignment, x: np.ndarray, top_k: int, cell_ids) -> list[dict]:
-        calls = call_cells(pred, session.centroids, novelty_limits=session.novelty_limits)
-        known_limits = session.novelty_limits is not None
-        labels = label_names(session.classes, calls.label)
+    def describe(pred: Prediction, genes_counts: np.ndarray, top_k: int, cell_ids) -> list[dict]:
+        calls = annotator.call(pred, calling)
         k = min(top_k, len(session.classes))
         order = np.argsort(-pred.probabilities, axis=1)[:, :k]
-        matched = (alignment.model_index >= 0)
         results = []
-        for i in range(len(x)):
-            results.append({
-                "cell_id": cell_ids[i] if cell_ids else None,
-                "label": labels[i],
-                "confidence": float(calls.confidence[i]),
-                "top": [{"label": session.classes[j], "probability": float(pred.probabilities[i, j])} for j in order[i]],
-                "novelty": float(calls.novelty[i]),
-                "novel": bool(calls.novel[i]) if known_limits else None,  # beyond its label's novelty limit
-                "genes_matched": int(np.count_nonzero(matched & (x[i] != 0))),
-                "genes_sent": int(np.count_nonzero(x[i])),
-            })
+        for i in range(len(pred.probabilities)):
+            cell = {"cell_id": cell_ids[i] if cell_ids else None}
+            cell |= {c.name: json_value(c, calls[c.name][i], session.classes) for c in columns}
+            cell["top"] = [{"label": session.classes[j], "probability": float(pred.probabilities[i, j])} for j in order[i]]
+            cell["genes_matched"], cell["genes_sent"] = int(genes_counts[i, 0]), int(genes_counts[i, 1])
+            results.append(cell)
         return results
 
     async def annotate(genes, x, input_kind, top_k, cell_ids):
-        alignment, aligned = await run_in_threadpool(align, genes, x, input_kind)
+        rows, _, genes_counts = await run_in_threadpool(prepare, genes, x, input_kind, cell_ids)
         if micro_batching:
-            pred = await batcher.predict(aligned, input_kind == "lognorm")
+            pred = await batcher.predict(rows)
         else:
-            pred = await run_in_threadpool(session.predict, aligned, input_kind == "lognorm")
-        return describe(pred, alignment, x, top_k, cell_ids)
+            pred = await run_in_threadpool(annotator.predict, rows)
+        return describe(pred, genes_counts, top_k, cell_ids)
 
     async def run(genes, x, input_kind, top_k, cell_ids=None) -> list[dict]:
-        if len(x) > max_cells:
-            raise HTTPException(413, f"{len(x)} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
+        if x.shape[0] > max_cells:
+            raise HTTPException(413, f"{x.shape[0]} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
         try:
             return await asyncio.wait_for(annotate(genes, x, input_kind, top_k, cell_ids), timeout_s)
-        except InputError as err:
+        except SclError as err:
             raise HTTPException(422, str(err)) from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"inference took longer than {timeout_s} s; send fewer cells per request") from None
 
     @app.post("/predict", summary="Annotate one cell")
     async def predict(cell: Cell) -> dict:
-        genes = list(cell.expression)
-        x = np.asarray([list(cell.expression.values())], dtype=np.float32)
+        genes, x = _gene_maps_to_rows([cell.expression])
         return (await run(genes, x, cell.input_kind, cell.top_k))[0]
 
     @app.post("/predict_batch", summary="Annotate many cells (gene maps or columnar)")
@@ -212,6 +226,6 @@ def create_app(session: AnnotationSession, max_cells: int = 10000, max_body_byte
     async def model() -> dict:
         import onnxruntime
 
-        return session.describe() | {"notes": session.notes, "versions": {"scl": version("scl"), "onnxruntime": onnxruntime.__version__}}
+        return annotator.describe() | {"versions": {"scl": version("scl"), "onnxruntime": onnxruntime.__version__}}
 
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli_errors import reports_input_errors
-from .errors import InputError
+from .errors import SclError
 
 
 @click.command(
@@ -36,11 +36,9 @@ def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, co
 
         from .serve import create_app
     except ImportError:
-        raise InputError("scl-serve needs FastAPI and uvicorn: pip install 'scl[serve]'.") from None
-    from .session import AnnotationSession
+        raise SclError("scl-serve needs FastAPI and uvicorn: pip install 'scl[serve]'.") from None
+    from .annotator import Annotator
 
-    session = AnnotationSession(model, device, threads)
-    for note in session.notes:
-        click.echo(note, err=True)
-    app = create_app(session, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching)
+    annotator = Annotator(model, device, session_threads=threads or 0)  # one run at a time, every core (0: onnxruntime's default)
+    app = create_app(annotator, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching)
     uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="warning")

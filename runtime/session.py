@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import model_metadata as meta
-from .errors import InputError
+from .errors import ModelError, SclError
 from .genes import GeneIndex
 
 CUDA_UNUSABLE = "CUDA is not usable here (onnxruntime-gpu could not load its CUDA libraries, such as libcublasLt); running on the CPU."
@@ -18,7 +18,7 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise InputError("onnxruntime is not installed: pip install 'scl[cpu]' (or 'scl[gpu]' for CUDA, never both).") from None
+        raise SclError("onnxruntime is not installed: pip install 'scl[cpu]' (or 'scl[gpu]' for CUDA, never both).") from None
     return onnxruntime
 
 
@@ -33,7 +33,7 @@ class AnnotationSession:
 
     def __init__(self, path: str, device: str = "auto", threads: int | None = None):
         if not os.path.isfile(path):
-            raise InputError(f"{path}: no such model file; give the .onnx that scl-export wrote (--model).")
+            raise ModelError(f"{path}: no such model file; give the .onnx that scl-export wrote.", "model")
         self.path = path
         self.notes: list[str] = []
         self.session = self._open(device, threads)
@@ -53,9 +53,9 @@ class AnnotationSession:
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()
         if device not in ("auto", "cpu", "cuda"):
-            raise InputError(f"--device {device!r}: choose auto, cuda or cpu.")
+            raise SclError(f"device {device!r}: choose auto, cuda or cpu.", "device")
         if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise InputError("--device cuda: this onnxruntime has no CUDA provider; install scl[gpu] (onnxruntime-gpu) in an environment without onnxruntime.")
+            raise SclError("device cuda: this onnxruntime has no CUDA provider; install scl[gpu] (onnxruntime-gpu) in an environment without onnxruntime.", "device")
         if device != "cpu" and "CUDAExecutionProvider" in available:
             # onnxruntime-gpu lists CUDA even when its libraries cannot load; judge by what the session got,
             # with the provider's own error lines silenced in favour of one sentence.
@@ -67,7 +67,7 @@ class AnnotationSession:
             if "CUDAExecutionProvider" in session.get_providers():
                 return session
             if device == "cuda":
-                raise InputError(f"--device cuda: {CUDA_UNUSABLE.split(';')[0]}; install the CUDA and cuDNN versions this onnxruntime-gpu build requires (onnxruntime.ai, CUDA provider requirements) or use --device cpu.")
+                raise SclError(f"device cuda: {CUDA_UNUSABLE.split(';')[0]}; install the CUDA and cuDNN versions this onnxruntime-gpu build requires (onnxruntime.ai, CUDA provider requirements) or use the CPU.", "device")
             self.notes.append(CUDA_UNUSABLE)
             return session
         return self._create(ort, options, ["CPUExecutionProvider"])
@@ -77,7 +77,7 @@ class AnnotationSession:
             return ort.InferenceSession(self.path, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for bad files
             first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise InputError(f"{self.path}: not a loadable ONNX model ({first}); export it again with scl-export.") from None
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({first}); export it again with scl-export.") from None
 
     def predict(self, x: np.ndarray, is_lognorm: bool = False) -> Prediction:
         feed = {meta.INPUT_COUNTS: np.ascontiguousarray(x, dtype=np.float32), meta.INPUT_IS_LOGNORM: np.array([float(is_lognorm)], dtype=np.float32)}

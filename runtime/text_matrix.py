@@ -1,7 +1,7 @@
 """Read cells from a CSV or TSV file (optionally gzipped), streamed in blocks of rows.
 
 Cells as rows: a header of gene symbols after one empty or named corner cell, then a cell id and
-its values per line (CellTypist's layout). Genes as rows (--genes-as-rows) cannot be streamed by
+its values per line (CellTypist's layout). Genes as rows (genes_as_rows) cannot be streamed by
 cell; the file is read once into sparse memory and served by cell from there.
 """
 
@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .errors import InputError
+from .errors import SclError
 from .h5ad import SparseRows, csc_to_csr
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
@@ -31,7 +31,7 @@ def _unquote(field: str) -> str:
 class TextMatrix:
     def __init__(self, path: str, genes_as_rows: bool = False):
         if not os.path.exists(path):
-            raise InputError(f"{path}: no such file; check the path.")
+            raise SclError(f"{path}: no such file; check the path.")
         self.path = path
         self.sep = "," if ".csv" in path.lower() else "\t"
         self.genes_as_rows = genes_as_rows
@@ -40,9 +40,9 @@ class TextMatrix:
             with self._open() as stream:
                 header = stream.readline()
         except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: cannot be read as text ({err}); the file is truncated or corrupt, or gzipped without a .gz name.") from None
+            raise SclError(f"{path}: cannot be read as text ({err}); the file is truncated or corrupt, or gzipped without a .gz name.") from None
         if not header.strip():
-            raise InputError(f"{path}: the file is empty; expected a header row of gene symbols.")
+            raise SclError(f"{path}: the file is empty; expected a header row of gene symbols.")
         names = [_unquote(f) for f in header.rstrip("\r\n").split(self.sep)]
         self.cell_ids = None
         if genes_as_rows:
@@ -50,6 +50,11 @@ class TextMatrix:
             self._csr, self.var_names = self._read_gene_rows()
         else:
             self.var_names = np.array(names[1:], dtype=object)
+
+    var_columns: dict = {}  # a text file's genes are its header alone
+
+    def var_column(self, key: str) -> np.ndarray:
+        raise SclError(f"{self.path}: a text file's genes are its header; choosing a gene column applies to .h5ad files.", "gene_column")
 
     def _open(self) -> io.TextIOBase:
         if self.path.lower().endswith(".gz"):
@@ -65,7 +70,7 @@ class TextMatrix:
         try:
             values = np.loadtxt(rest, delimiter=self.sep, dtype=np.float32, ndmin=2)
         except ValueError as err:
-            raise InputError(f"{self.path}: lines {first_line}-{first_line + len(lines) - 1} do not parse as numbers ({err}); every line needs an id and one number per column.") from None
+            raise SclError(f"{self.path}: lines {first_line}-{first_line + len(lines) - 1} do not parse as numbers ({err}); every line needs an id and one number per column.") from None
         return np.array(ids, dtype=object), values
 
     def _lines(self, size: int):
@@ -81,7 +86,7 @@ class TextMatrix:
                     yield line_no, lines
                     line_no, lines = line_no + size, []
         except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise InputError(f"{self.path}: reading stopped after line {line_no} ({err}); the file is truncated or corrupt.") from None
+            raise SclError(f"{self.path}: reading stopped after line {line_no} ({err}); the file is truncated or corrupt.") from None
         finally:
             stream.close()
         if lines:
@@ -117,7 +122,7 @@ class TextMatrix:
         for first, lines in self._lines(size):
             ids, values = self._parse(lines, first)
             if values.shape[1] != len(self.var_names):
-                raise InputError(f"{self.path}: lines from {first} have {values.shape[1]} values but the header names {len(self.var_names)} genes; fix the file so every line matches the header.")
+                raise SclError(f"{self.path}: lines from {first} have {values.shape[1]} values but the header names {len(self.var_names)} genes; fix the file so every line matches the header.")
             yield ids, values
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from scl.runtime.expression import ExpressionFile
+from scl.runtime.expression import ExpressionSource
 from scl.train.run_dir import load_run
 
 from conftest import run
@@ -37,14 +37,14 @@ def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_d
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     source = ad.read_h5ad(val)
     assert list(out.obs_names) == list(source.obs_names) and out.shape == source.shape
-    assert list(out.obs.columns[-5:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty"]
+    assert list(out.obs.columns[-6:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty", "scl_novel"]
     assert out.obsm["X_scl"].shape == (70, 16) and out.obsm["scl_probabilities"].shape == (70, 7)
     np.testing.assert_allclose(out.obsm["scl_probabilities"].sum(1), 1, atol=1e-5)
     report = json.loads(out.uns["scl"]["report_json"])
     assert report["cells"] == 70 and report == json.loads((tmp_path / "r.json").read_text())
 
     trained = load_run(run_dir)
-    with ExpressionFile(str(val), trained.model.gene_order) as src:
+    with ExpressionSource(str(val), trained.model.gene_order) as src:
         x = np.vstack([b for _, b in src.blocks()])
     with torch.no_grad():
         torch_labels = trained.head(trained.model.encoder(torch.from_numpy(x))).argmax(1).numpy()
@@ -107,10 +107,11 @@ def test_bad_models_and_outputs(exported, small_data, tmp_path):
         (["--model", exported, "--shard", "2/2"], "--shard '2/2'"),
     ]
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        cases.append((["--model", exported, "--device", "cuda"], "--device cuda"))
+        cases.append((["--model", exported, "--device", "cuda"], "no CUDA provider"))
     for args, words in cases:
         code, _, stderr = run("scl-annotate", val, *args, "--quiet")
         assert code == 1 and words in stderr and stderr.startswith("Error:") and len(stderr.strip().splitlines()) == 1, stderr
+        assert "(see " not in stderr or "(see --" in stderr  # the CLI spells settings as its flags
     code, _, stderr = run("scl-annotate", tmp_path / "few.h5ad", "--model", exported, "--output", tmp_path / "f.csv")
     assert code == 1 and "only" in stderr and "genes are in the input" in stderr
     assert not (tmp_path / "f.csv").exists() and not (tmp_path / "o.csv").exists()
@@ -149,7 +150,7 @@ def test_cells_of_types_the_model_never_saw_are_counted_and_unassigned_on_reques
 
 def test_max_novelty_errors_and_models_without_limits(exported, small_data, tmp_path):
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--max-novelty", "far")
-    assert code != 0 and "--max-novelty 'far'" in stderr and "Traceback" not in stderr
+    assert code != 0 and "max_novelty 'far'" in stderr and "(see --max-novelty)" in stderr and "Traceback" not in stderr
     older = onnx.load(str(exported))  # a model exported before scl stored novelty limits
     kept = [p for p in older.metadata_props if p.key != "scl.novelty_limits"]
     del older.metadata_props[:]

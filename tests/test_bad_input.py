@@ -6,13 +6,13 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scl.runtime.errors import InputError
-from scl.runtime.expression import ExpressionFile, ReadOptions
+from scl.runtime.errors import SclError
+from scl.runtime.expression import ExpressionSource, ReadOptions
 from scl.runtime.h5ad import H5adFile
 
 
 def read_all(path, genes, **options):
-    with ExpressionFile(str(path), genes, ReadOptions(**options)) as src:
+    with ExpressionSource(str(path), genes, ReadOptions(**options)) as src:
         for _ in src.blocks():
             pass
 
@@ -25,20 +25,21 @@ def write(adata, path):
 def assert_one_line(err: pytest.ExceptionInfo, *words):
     message = str(err.value)
     assert "\n" not in message
+    assert " --" not in message, message  # library messages name settings; only the CLI spells them as flags
     for word in words:
         assert word in message, message
 
 
 def test_empty_file(tmp_path, scimilarity_genes):
     (tmp_path / "empty.h5ad").write_bytes(b"")
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(tmp_path / "empty.h5ad", scimilarity_genes)
     assert_one_line(err, "empty", "write_h5ad")
 
 
 def test_not_hdf5(tmp_path, scimilarity_genes):
     (tmp_path / "x.h5ad").write_text("cell,CD3E\nc1,4\n")
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(tmp_path / "x.h5ad", scimilarity_genes)
     assert_one_line(err, "not an HDF5 file", ".csv")
 
@@ -46,13 +47,13 @@ def test_not_hdf5(tmp_path, scimilarity_genes):
 def test_truncated_file(tmp_path, pbmc_path, scimilarity_genes):
     data = pbmc_path.read_bytes()
     (tmp_path / "cut.h5ad").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(tmp_path / "cut.h5ad", scimilarity_genes)
     assert_one_line(err, "truncated")
 
 
 def test_missing_file(tmp_path, scimilarity_genes):
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(tmp_path / "nope.h5ad", scimilarity_genes)
     assert_one_line(err, "no such file")
 
@@ -62,7 +63,7 @@ def test_bad_values(bad, words, pbmc_small, scimilarity_genes, tmp_path):
     x = pbmc_small.X.copy()
     x.data[5] = bad
     path = write(ad.AnnData(x, obs=pbmc_small.obs, var=pbmc_small.var), tmp_path / "bad.h5ad")
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(path, scimilarity_genes)
     assert_one_line(err, *words)
 
@@ -70,14 +71,14 @@ def test_bad_values(bad, words, pbmc_small, scimilarity_genes, tmp_path):
 def test_no_overlapping_genes(pbmc_small, scimilarity_genes, tmp_path):
     a = pbmc_small.copy()
     a.var_names = [f"gene{i}" for i in range(a.n_vars)]
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(write(a, tmp_path / "g.h5ad"), scimilarity_genes)
-    assert_one_line(err, "only 0 of the model's 28231 genes", "at least 5000", "--gene-column")
+    assert_one_line(err, "only 0 of the model's 28231 genes", "at least 5000", "see gene_column, min_genes")
 
 
 def test_too_few_overlapping_genes_scales_with_the_model(pbmc_small, scimilarity_genes, tmp_path):
     path = write(pbmc_small[:, :3000].copy(), tmp_path / "few.h5ad")
-    with pytest.raises(InputError, match=r"only 2\d\d\d of the model's 28231 genes"):
+    with pytest.raises(SclError, match=r"only 2\d\d\d of the model's 28231 genes"):
         read_all(path, scimilarity_genes)
     read_all(path, scimilarity_genes, min_genes=1000)  # the threshold is an option
     pbmc_model = [g for g in scimilarity_genes if g in set(pbmc_small.var_names)]
@@ -87,32 +88,32 @@ def test_too_few_overlapping_genes_scales_with_the_model(pbmc_small, scimilarity
 def test_duplicate_cell_ids_h5ad_and_csv(pbmc_small, scimilarity_genes, tmp_path):
     a = pbmc_small.copy()
     a.obs_names = ["same"] * 2 + list(a.obs_names[2:])
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         read_all(write(a, tmp_path / "d.h5ad"), scimilarity_genes)
     assert_one_line(err, "'same' occurs more than once", "obs_names_make_unique")
     header = "," + ",".join(pbmc_small.var_names)
     rows = [f"c{i % 3}," + ",".join("1" for _ in range(pbmc_small.n_vars)) for i in range(5)]
     (tmp_path / "d.csv").write_text("\n".join([header, *rows]) + "\n")
-    with pytest.raises(InputError, match="'c0' occurs more than once"):
+    with pytest.raises(SclError, match="'c0' occurs more than once"):
         read_all(tmp_path / "d.csv", scimilarity_genes)
 
 
 def test_ragged_and_truncated_csv(pbmc_small, scimilarity_genes, tmp_path):
     header = "," + ",".join(pbmc_small.var_names[:6000])
     (tmp_path / "r.csv").write_text(header + "\nc1," + ",".join(["1"] * 5999) + "\nc2,1,2\n")
-    with pytest.raises(InputError, match="do not parse as numbers"):
+    with pytest.raises(SclError, match="do not parse as numbers"):
         read_all(tmp_path / "r.csv", scimilarity_genes)
     import gzip
 
     blob = gzip.compress((header + "\n" + "\n".join("c%d," % i + ",".join(["1"] * 6000) for i in range(50))).encode())
     (tmp_path / "t.csv.gz").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(InputError, match="truncated or corrupt"):
+    with pytest.raises(SclError, match="truncated or corrupt"):
         read_all(tmp_path / "t.csv.gz", scimilarity_genes)
 
 
 def test_missing_label_column(pbmc_path):
     f = H5adFile(str(pbmc_path))
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         f.obs_column("celltype")
     assert_one_line(err, "obs has no column 'celltype'", "cell_type")
     f.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 from scl.train.model_dir import FILES, SCimilarityModel, load_model_dir, save_model_dir
 from scl.train.nn import Decoder, Encoder
 
@@ -27,13 +27,13 @@ def small_model(scimilarity_genes):
 def test_written_directory_loads_in_scimilarity_with_identical_embeddings(small_model, pbmc_path, tmp_path):
     from scimilarity import CellEmbedding
 
-    from scl.runtime.expression import ExpressionFile
+    from scl.runtime.expression import ExpressionSource
 
     save_model_dir(tmp_path, small_model)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
     ce = CellEmbedding(model_path=str(tmp_path))
     assert ce.latent_dim == 16 and ce.int2label == {0: "B", 1: "T cell, naive", 2: "NK"}
-    with ExpressionFile(str(pbmc_path), small_model.gene_order) as src:
+    with ExpressionSource(str(pbmc_path), small_model.gene_order) as src:
         _, x = next(src.blocks())
     theirs = ce.get_embeddings(x)
     with torch.no_grad():
@@ -60,6 +60,6 @@ def test_written_directory_loads_in_scimilarity_with_identical_embeddings(small_
 def test_missing_or_inconsistent_files_are_named(broken, words, small_model, tmp_path):
     save_model_dir(tmp_path, small_model)
     broken(tmp_path)
-    with pytest.raises(InputError) as err:
+    with pytest.raises(SclError) as err:
         load_model_dir(tmp_path)
     assert words in str(err.value) and "\n" not in str(err.value)

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scl.runtime.errors import InputError
-from scl.runtime.expression import ExpressionFile, ReadOptions
+from scl.runtime.errors import SclError
+from scl.runtime.expression import ExpressionSource, ReadOptions
 from scl.runtime.genes import ensembl_to_symbol
 from scl.runtime.normalize import lognorm
 
 
 def read_all(path, genes, **options):
-    with ExpressionFile(str(path), genes, ReadOptions(block_size=50, **options)) as src:
+    with ExpressionSource(str(path), genes, ReadOptions(block_size=50, **options)) as src:
         blocks = list(src.blocks())
         info = src.describe()
     ids = np.concatenate([b[0] for b in blocks])
@@ -76,7 +76,7 @@ def test_matrix_option_picks_the_stored_matrix(pbmc_small, scimilarity_genes, tm
     _, x, info = read_all(path, scimilarity_genes, matrix="X")
     assert info["matrix"] == "X" and info["input_kind"] == "lognorm"
     assert "expm1 row sums" in info["input_kind_evidence"]
-    with pytest.raises(InputError, match="no raw/X in the file; choose one of X, layers/counts"):
+    with pytest.raises(SclError, match="no raw/X in the file; choose one of X, layers/counts"):
         read_all(path, scimilarity_genes, matrix="raw/X")
 
 
@@ -94,10 +94,10 @@ def test_lognormalised_input_is_recognised_and_not_normalised_twice(pbmc_small, 
 def test_other_non_integer_values_are_refused(pbmc_small, scimilarity_genes, tmp_path):
     path = tmp_path / "cpm.h5ad"
     ad.AnnData(np.log1p(pbmc_small.X.toarray() / pbmc_small.X.sum(1).A * 1e6), obs=pbmc_small.obs, var=pbmc_small.var).write_h5ad(path)
-    with pytest.raises(InputError, match="neither integer counts nor log1p"):
+    with pytest.raises(SclError, match="neither integer counts nor log1p"):
         read_all(path, scimilarity_genes)
     _, _, info = read_all(path, scimilarity_genes, input_kind="lognorm")
-    assert info["input_kind_evidence"] == "set by --input-kind"
+    assert info["input_kind_evidence"] == "as stated by the caller"
 
 
 def test_ensembl_ids_with_symbol_column_and_alone(pbmc_small, scimilarity_genes, tmp_path):
@@ -124,7 +124,7 @@ def test_ensembl_ids_with_symbol_column_and_alone(pbmc_small, scimilarity_genes,
 
     _, x, info = read_all(tmp_path / "cxg.h5ad", scimilarity_genes, gene_column="feature_name")
     assert info["genes_from"] == "var['feature_name']"
-    with pytest.raises(InputError, match="var has no column 'symbols'; choose one of: feature_name"):
+    with pytest.raises(SclError, match="var has no column 'symbols'; choose one of: feature_name"):
         read_all(tmp_path / "cxg.h5ad", scimilarity_genes, gene_column="symbols")
 
 
@@ -147,7 +147,7 @@ def test_duplicate_and_differently_cased_symbols(pbmc_small, scimilarity_genes, 
 def test_csc_above_the_memory_limit_is_refused_with_advice(pbmc_small, scimilarity_genes, tmp_path):
     path = tmp_path / "csc.h5ad"
     LAYOUTS["csc"](pbmc_small).write_h5ad(path)
-    with pytest.raises(InputError, match=r"stored by genes \(CSC\).*save it as CSR once.*--csc-memory-limit"):
+    with pytest.raises(SclError, match=r"stored by genes \(CSC\).*save it as CSR once.*see csc_memory_limit"):
         read_all(path, scimilarity_genes, csc_limit_bytes=1000)
 
 

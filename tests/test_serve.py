@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from scl.runtime.annotator import Annotator
 from scl.runtime.serve import create_app
-from scl.runtime.session import AnnotationSession
 
 from conftest import BIN, run
 
@@ -30,7 +30,7 @@ def cells_and_labels(exported, small_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(exported):
-    return TestClient(create_app(AnnotationSession(str(exported)), max_cells=100, max_body_bytes=2 * 1024**2))
+    return TestClient(create_app(Annotator(exported, session_threads=0), max_cells=100, max_body_bytes=2 * 1024**2))
 
 
 def columnar(adata, n):

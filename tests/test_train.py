@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 from scl.train.config import FinetuneConfig
 from scl.train.finetune import finetune
 from scl.train.model_dir import load_model_dir
@@ -84,10 +84,10 @@ def test_merged_encoder_equals_peft_adapter_and_loads_in_scimilarity(run_dir, ba
     from peft import PeftModel
     from scimilarity import CellEmbedding
 
-    from scl.runtime.expression import ExpressionFile
+    from scl.runtime.expression import ExpressionSource
 
     base = load_model_dir(base_dir)
-    with ExpressionFile(str(small_data / "val.h5ad"), base.gene_order) as src:
+    with ExpressionSource(str(small_data / "val.h5ad"), base.gene_order) as src:
         _, x = next(src.blocks())
     x = torch.from_numpy(x)
     adapted = PeftModel.from_pretrained(base.encoder, str(run_dir / "adapter")).eval()
@@ -122,7 +122,7 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
         cases.append((dict(device="cuda"), "--device cuda was asked for but torch sees no CUDA GPU"))
     for overrides, words in cases:
         cfg = FinetuneConfig(**{"base_model": str(base_dir), "data": str(small_data / "train.h5ad"), "out": str(tmp_path / "x"), "epochs": 1, **overrides})
-        with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(SclError, match=words.replace("(", r"\(").replace(")", r"\)")):
             finetune(cfg, progress=False)
     code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--label-key", "nope", "--out", tmp_path / "y")
     assert code == 1 and stderr.strip().startswith("Error:") and len(stderr.strip().splitlines()) == 1

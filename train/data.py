@@ -8,8 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scl.runtime.errors import InputError
-from scl.runtime.expression import ExpressionFile, ReadOptions, open_matrix
+from scl.runtime.errors import SclError
+from scl.runtime.expression import ExpressionSource, ReadOptions, open_matrix
 from scl.runtime.genes import to_symbols
 
 
@@ -30,12 +30,12 @@ class LabelledCells:
 def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None) -> LabelledCells:
     parts, labels, ids, reading = [], [], [], []
     for path in [paths] if isinstance(paths, str) else paths:
-        with ExpressionFile(str(path), gene_order, options) as src:
+        with ExpressionSource(str(path), gene_order, options) as src:
             if not hasattr(src.matrix, "obs_column"):
-                raise InputError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
+                raise SclError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
             file_labels = src.matrix.obs_column(label_key)
             if any(label is None or label != label for label in file_labels):
-                raise InputError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
+                raise SclError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
             labels.append(file_labels.astype(str))
             for block_ids, x in src.blocks():
                 parts.append(sp.csr_matrix(x))
@@ -59,7 +59,7 @@ def refuse_tiny_classes(labels: np.ndarray, where: str, minimum: int = 2) -> Non
     names, counts = np.unique(labels, return_counts=True)
     small = [f"{str(n)!r} ({c})" for n, c in zip(names, counts) if c < minimum]
     if small:
-        raise InputError(
+        raise SclError(
             f"{where}: class {', '.join(small)} has fewer than {minimum} cells, too few to split and to form triplets; "
             "remove or merge it before training."
         )

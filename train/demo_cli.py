@@ -49,10 +49,10 @@ def step(title: str) -> None:
 def main(out, fast, seed):
     """Run pretrain -> fine-tune -> report -> export -> annotate on bundled real cells."""
     from scl.export.cli import main as export_main
-    from scl.runtime.annotate import AnnotateOptions, annotate_file
+    from scl.runtime.annotate import annotate_file
     from scl.runtime.annotate_cli import print_summary
+    from scl.runtime.annotator import AnnotateOptions, Annotator
     from scl.runtime.expression import ReadOptions
-    from scl.runtime.session import AnnotationSession
 
     from .config import FinetuneConfig, PretrainConfig
     from .finetune import finetune
@@ -86,9 +86,10 @@ def main(out, fast, seed):
     export_main.main([str(out / "run"), "--out", str(out / "model.onnx"), "--quantize", "int8"], standalone_mode=False)
 
     step("5/5 annotate held-out PBMCs and the unlabelled CSV with onnxruntime (fp32: see the int8 validation above)")
+    annotator = Annotator(out / "model.onnx")
     reports = [
-        annotate_file(heldout, str(out / "pbmc_heldout.scl.h5ad"), AnnotationSession(str(out / "model.onnx")), ReadOptions(), AnnotateOptions(progress=False)),
-        annotate_file(demo_file("unlabelled_100cells.csv.gz"), str(out / "unlabelled.scl.csv"), AnnotationSession(str(out / "model.onnx")), ReadOptions(), AnnotateOptions(progress=False)),
+        annotate_file(heldout, str(out / "pbmc_heldout.scl.h5ad"), annotator, ReadOptions(), AnnotateOptions(progress=False)),
+        annotate_file(demo_file("unlabelled_100cells.csv.gz"), str(out / "unlabelled.scl.csv"), annotator, ReadOptions(), AnnotateOptions(progress=False)),
     ]
     for report in reports:
         print_summary(report)

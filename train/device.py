@@ -6,16 +6,16 @@ import contextlib
 
 import torch
 
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 
 
 def resolve_device(wanted: str) -> torch.device:
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu or auto.")
+        raise SclError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu or auto.")
     if wanted not in ("cpu", "cuda"):
-        raise InputError(f"--device {wanted!r}: choose auto, cpu or cuda.")
+        raise SclError(f"--device {wanted!r}: choose auto, cpu or cuda.")
     return torch.device(wanted)
 
 

@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
@@ -199,14 +199,14 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
     classes = sorted(np.unique(train.labels))
     unknown = sorted(set(val.labels) - set(classes))
     if unknown:
-        raise InputError(f"{config.val_data}: validation labels {unknown} never occur in the training data; drop those cells or add training cells.")
+        raise SclError(f"{config.val_data}: validation labels {unknown} never occur in the training data; drop those cells or add training cells.")
     index = {c: i for i, c in enumerate(classes)}
     return train, val, classes, np.array([index[c] for c in train.labels]), np.array([index[c] for c in val.labels])
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
     if config.loss not in LOSSES:
-        raise InputError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
+        raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
     device = resolve_device(config.device)
     base = load_model_dir(config.base_model)
     train, val, classes, y_train, y_val = load_data(config, base)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from scl.runtime.atomic import atomic_path
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 
 from .nn import Decoder, Encoder
 
@@ -84,9 +84,9 @@ def _load_state(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a bad file
-        raise InputError(f"{path}: not a readable torch checkpoint ({type(err).__name__}); copy the file again.") from None
+        raise SclError(f"{path}: not a readable torch checkpoint ({type(err).__name__}); copy the file again.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise InputError(f"{path}: expected torch.save({{'state_dict': ...}}) as SCimilarity writes it.")
+        raise SclError(f"{path}: expected torch.save({{'state_dict': ...}}) as SCimilarity writes it.")
     return ckpt["state_dict"]
 
 
@@ -94,38 +94,38 @@ def _read_labels(path: Path) -> list[str]:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows or rows[0][-1:] != ["0"]:
-        raise InputError(f"{path}: expected a header ',0' and rows 'int,label' as SCimilarity writes them.")
+        raise SclError(f"{path}: expected a header ',0' and rows 'int,label' as SCimilarity writes them.")
     return [row[1] for row in sorted(rows[1:], key=lambda r: int(r[0])) if len(row) == 2]
 
 
 def load_model_dir(path) -> SCimilarityModel:
     path = Path(path)
     if not path.is_dir():
-        raise InputError(f"{path}: not a directory; give a SCimilarity model directory (encoder.ckpt, gene_order.tsv, ...).")
+        raise SclError(f"{path}: not a directory; give a SCimilarity model directory (encoder.ckpt, gene_order.tsv, ...).")
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
-        raise InputError(f"{path}: {', '.join(missing)} missing; a SCimilarity model directory holds {', '.join(FILES)}.")
+        raise SclError(f"{path}: {', '.join(missing)} missing; a SCimilarity model directory holds {', '.join(FILES)}.")
     try:
         layer_sizes = json.loads((path / "layer_sizes.json").read_text())
         hidden_dim, latent_dim = sizes_from_layer_sizes(layer_sizes)
     except (ValueError, KeyError, IndexError, TypeError):
-        raise InputError(f"{path / 'layer_sizes.json'}: not the encoder's {{key: shape}} JSON that SCimilarity writes.") from None
+        raise SclError(f"{path / 'layer_sizes.json'}: not the encoder's {{key: shape}} JSON that SCimilarity writes.") from None
     gene_order = read_gene_order(path / "gene_order.tsv")
     if len(set(gene_order)) != len(gene_order):
-        raise InputError(f"{path / 'gene_order.tsv'}: holds duplicate genes; each symbol must appear once.")
+        raise SclError(f"{path / 'gene_order.tsv'}: holds duplicate genes; each symbol must appear once.")
 
     enc_state = _load_state(path / "encoder.ckpt")
     shapes = {k: list(v.shape) for k, v in enc_state.items()}
     if shapes != layer_sizes:
-        raise InputError(f"{path / 'layer_sizes.json'}: does not match the shapes in encoder.ckpt; write it again from the encoder.")
+        raise SclError(f"{path / 'layer_sizes.json'}: does not match the shapes in encoder.ckpt; write it again from the encoder.")
     n_inputs = shapes.get("network.0.1.weight", [0, 0])[1]
     if n_inputs != len(gene_order):
-        raise InputError(f"{path / 'gene_order.tsv'}: lists {len(gene_order)} genes but encoder.ckpt takes {n_inputs} inputs.")
+        raise SclError(f"{path / 'gene_order.tsv'}: lists {len(gene_order)} genes but encoder.ckpt takes {n_inputs} inputs.")
     encoder = Encoder(len(gene_order), latent_dim, hidden_dim)
     decoder = Decoder(len(gene_order), latent_dim, list(reversed(hidden_dim)))
     for name, module, state in (("encoder.ckpt", encoder, enc_state), ("decoder.ckpt", decoder, _load_state(path / "decoder.ckpt"))):
         try:
             module.load_state_dict(state)
         except RuntimeError as err:
-            raise InputError(f"{path / name}: does not fit a {len(gene_order)} -> {hidden_dim} -> {latent_dim} network ({str(err).splitlines()[0]}).") from None
+            raise SclError(f"{path / name}: does not fit a {len(gene_order)} -> {hidden_dim} -> {latent_dim} network ({str(err).splitlines()[0]}).") from None
     return SCimilarityModel(encoder.eval(), decoder.eval(), gene_order, _read_labels(path / "label_ints.csv"))

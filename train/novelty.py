@@ -1,7 +1,7 @@
 """Novelty limits: how far from its centroid each class's own training and held-out cells reach.
 
 scl-annotate's novelty is the cosine distance from a cell's embedding to its label's training centroid
-(runtime/labels.py). A cell of a type the model never saw still gets a known label, often with confidence 1,
+(runtime/calls.py). A cell of a type the model never saw still gets a known label, often with confidence 1,
 but lies far from that centroid. A class's limit is the larger of the 99th percentiles of its training cells'
 and its held-out cells' distances: training cells alone sit tighter than new cells of the same type (on the
 demo, 6.7% of held-out cells lay beyond limits from training cells). scl-train reports the share of cells
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scl.runtime.labels import cosine_distance
+from scl.runtime.calls import cosine_distance
 
 QUANTILE = 0.99
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scl.runtime.errors import InputError
+from scl.runtime.errors import SclError
 
 from .model_dir import SCimilarityModel, load_model_dir, save_model_dir
 
@@ -36,7 +36,7 @@ class TrainedRun:
 def prepare_run_dir(path) -> Path:
     path = Path(path)
     if (path / "metrics.json").exists():
-        raise InputError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.")
+        raise SclError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -57,13 +57,13 @@ def load_run(path) -> TrainedRun:
     path = Path(path)
     for name in ("metrics.json", "head.pt", "classes.json"):
         if not (path / name).is_file():
-            raise InputError(f"{path}: {name} missing; give the RUN_DIR of a finished scl-train run.")
+            raise SclError(f"{path}: {name} missing; give the RUN_DIR of a finished scl-train run.")
     model = load_model_dir(path / "model")
     state = torch.load(path / "head.pt", map_location="cpu", weights_only=True)
     classes = json.loads((path / "classes.json").read_text())
     head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
     head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     if len(classes) != head.out_features or head.in_features != model.latent_dim:
-        raise InputError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
+        raise SclError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
     limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
     return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()), limits)

@@ -1,0 +1,323 @@
+"""The annotation core: cells in, calls out. scl-annotate, scl-serve and `import scl` all run through here.
+
+A block of cells (any matrix type, with its gene names) is checked (negative, NaN and inf refused; its values
+against the input kind judged on the first block), aligned to the model's genes, normalised on its nonzeros, run
+through the model and turned into the COLUMNS of calls.py. Blocks run in parallel one-thread onnxruntime runs (it
+releases the GIL): on 2 cores this measured 1.3-1.4x one reader thread feeding one two-thread run, since a two-thread
+matmul stalls whenever the reader takes one of its cores, while independent runs just share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import voting
+from .calls import COLUMNS, Calls, call_cells, label_names, present
+from .errors import SclError
+from .expression import ExpressionSource, ReadOptions
+from .in_memory import is_anndata, memory_matrix
+from .result import AnnotationResult, BlockCollector
+from .session import AnnotationSession, Prediction
+
+log = logging.getLogger("scl")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class AnnotateOptions:
+    """How cells are called, whatever they come from."""
+
+    min_confidence: float = 0.0  # cells below are 'unassigned'
+    max_novelty: str | float | None = None  # "auto": the model's per-class limits; a number: one limit for all; None: count only
+    progress: bool = True
+
+
+@dataclass
+class AnnotatedBlock:
+    cell_ids: np.ndarray
+    calls: Calls
+    embedding: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass
+class RunTally:
+    """What the report says about a run, counted block by block."""
+
+    labels: Counter = field(default_factory=Counter)
+    cells: int = 0
+    novel: int = 0
+
+    def add(self, block: AnnotatedBlock, classes: list[str]) -> None:
+        self.labels.update(label_names(classes, block.calls["label"]))
+        self.cells += len(block.cell_ids)
+        self.novel += int(block.calls["novel"].sum()) if "novel" in block.calls else 0
+
+
+class Annotator:
+    """An scl model (.onnx from scl-export) ready to annotate cells, with onnxruntime alone.
+
+    Parameters
+    ----------
+    model
+        Path of the .onnx file.
+    device
+        "auto" (CUDA where onnxruntime-gpu really loads it, else the CPU), "cuda" or "cpu".
+    threads
+        Blocks of cells annotated at once, each on one core; default: every core.
+    session_threads
+        onnxruntime threads per run. 1 (default) suits parallel blocks; a service that runs one micro-batch at a
+        time (scl-serve) gives it every core instead.
+
+    Examples
+    --------
+    >>> import scl
+    >>> annotator = scl.Annotator("model.onnx")
+    >>> result = annotator.annotate(adata)          # AnnData, numpy, scipy sparse or pandas
+    >>> result.predicted_labels[:3]
+    array(['B', 'NK', 'CD4TN'], dtype=object)
+    >>> annotator.classes
+    ['B', 'CD4TCM', 'CD4TN', 'CD4Treg', 'CD8TN', 'Monocyte', 'NK']
+    """
+
+    def __init__(self, model, device: str = "auto", threads: int | None = None, *, session_threads: int = 1):
+        self.session = AnnotationSession(str(model), device, threads=session_threads)  # parallel one-thread runs: see the module docstring
+        for note in self.session.notes:
+            log.warning(note)
+        cuda = self.session.provider == "CUDAExecutionProvider"
+        self.workers = 2 if cuda else threads or available_cores()  # on CUDA: prepare one block while the GPU runs another
+        if self.workers < 1:
+            raise SclError(f"threads {threads}: give 1 or more.", "threads")
+
+    @property
+    def classes(self) -> list[str]:
+        """The cell types the model calls, in the order of its probability columns."""
+        return list(self.session.classes)
+
+    @property
+    def gene_order(self) -> list[str]:
+        """The model's genes, in the order it reads them."""
+        return self.session.gene_order.genes.tolist()
+
+    @property
+    def model_card(self) -> dict:
+        """What the model says about itself: base model, training data digests, metrics."""
+        return dict(self.session.meta["model_card"])
+
+    @property
+    def columns(self) -> list:
+        """The per-cell output columns this model produces (calls.COLUMNS; 'novel' only with novelty limits)."""
+        return [c for c in COLUMNS if c.name != "novel" or self.session.novelty_limits is not None]
+
+    def novelty_limits(self, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
+        """(limits to count novel cells against, whether novel cells are labelled unassigned)."""
+        session = self.session
+        if max_novelty is None:
+            return session.novelty_limits, False
+        if max_novelty == "auto":
+            if session.novelty_limits is None:
+                raise SclError(f"{session.path}: this model carries no novelty limits (exported before scl stored them); "
+                               "export it again, or give max_novelty a cosine distance such as 0.5.", "max_novelty")
+            return session.novelty_limits, True
+        try:
+            limit = float(max_novelty)
+        except (TypeError, ValueError):
+            limit = float("nan")
+        if not 0 <= limit <= 2:  # nan fails too
+            raise SclError(f"max_novelty {max_novelty!r}: give auto (the model's per-class limits) or a cosine distance between 0 and 2.", "max_novelty")
+        return np.full(len(session.classes), limit, np.float32), True
+
+    def open(self, data, genes=None, cell_ids=None, read: ReadOptions | None = None, layer=None, use_raw=None) -> ExpressionSource:
+        """Cells from a file path or any in-memory object, aligned to the model's genes."""
+        read = read or ReadOptions(block_size=256)
+        if isinstance(data, (str, os.PathLike)):
+            return ExpressionSource(data, self.session.gene_order, read)
+        if is_anndata(data) and data.isbacked:  # read from its file, block by block, like scl-annotate
+            read.matrix = f"layers/{layer}" if layer else "raw/X" if use_raw else "X" if use_raw is False else "auto"
+            return ExpressionSource(str(data.filename), self.session.gene_order, read)
+        return ExpressionSource(memory_matrix(data, genes, cell_ids, layer, use_raw), self.session.gene_order, read)
+
+    def prepare(self, source: ExpressionSource, raw, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
+        """A raw block checked, aligned and normalised (log1p CP10k on its nonzeros): the model's input rows."""
+        return source.dense(raw, normalise=True, buffer=buffer, cell_ids=cell_ids)
+
+    def predict(self, rows: np.ndarray) -> Prediction:
+        return self.session.predict(rows, is_lognorm=True)  # normalised by prepare(), not densely in the graph
+
+    def call(self, pred: Prediction, options: AnnotateOptions) -> Calls:
+        limits, unassign_novel = self.novelty_limits(options.max_novelty)
+        return call_cells(pred, self.session.centroids, options.min_confidence, limits, unassign_novel)
+
+    def stream(self, source: ExpressionSource, options: AnnotateOptions | None = None):
+        """AnnotatedBlock per block of `source`, in order, with at most threads + 1 blocks in memory.
+
+        Examples
+        --------
+        >>> source = annotator.open("big.h5ad")
+        >>> for block in annotator.stream(source):
+        ...     print(block.cell_ids[0], block.calls["label"][0])
+        """
+        options = options or AnnotateOptions()
+        self.novelty_limits(options.max_novelty)  # a bad value fails before any block
+        local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
+
+        def annotate_block(ids, raw):
+            if not hasattr(local, "buffer"):
+                local.buffer = source.block_buffer()
+            pred = self.predict(self.prepare(source, raw, local.buffer, ids))
+            return AnnotatedBlock(ids, self.call(pred, options), pred.embedding, pred.probabilities)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            pending = deque()
+            for ids, raw in source.raw_blocks():
+                pending.append(pool.submit(annotate_block, ids, raw))
+                if len(pending) > self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def report(self, source: ExpressionSource, options: AnnotateOptions, tally: RunTally, seconds: float, **extra) -> dict:
+        """The run's summary, as scl-annotate's --report and uns['scl'] hold it."""
+        model = self.session.describe() | {"notes": self.session.notes, "parallel_blocks": self.workers}
+        model.pop("classes")
+        novelty = {"limits": None, "novel_cells": None, "unassigned_if_novel": False}
+        if options.max_novelty is not None or self.session.novelty_limits is not None:
+            limits = f"{float(options.max_novelty):g} for every class" if options.max_novelty not in (None, "auto") else "per class, from the model"
+            novelty = {"limits": limits, "novel_cells": tally.novel, "unassigned_if_novel": options.max_novelty is not None}
+        return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
+                "min_confidence": options.min_confidence, "novelty": novelty, "seconds": round(seconds, 3),
+                "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
+
+    def annotate(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None,
+                 gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
+                 min_confidence: float = 0.0, max_novelty: str | float | None = None,
+                 majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
+                 batch_size: int = 256, progress: bool = True) -> AnnotationResult:
+        """Annotate cells in memory (or an .h5ad/CSV path) and return the calls, embedding and probabilities.
+
+        Parameters
+        ----------
+        data
+            AnnData (counts found as scl-annotate finds them: layers['counts'], else raw, else X), numpy array,
+            scipy sparse matrix (CSR is read in place; others are converted once) or pandas DataFrame, cells as rows.
+            Backed AnnData is read from its file block by block.
+        genes, cell_ids
+            Gene names (symbols or Ensembl IDs) and cell ids for a bare matrix.
+        layer, use_raw
+            Which AnnData matrix holds the counts, as in scanpy.
+        gene_column
+            A var column with symbols or Ensembl IDs, where the index holds something else.
+        input_kind
+            "auto" (judged on the first block, checked on every block), "counts" or "lognorm" (log1p of counts per 1e4).
+        min_genes
+            Fewest model genes the input must have; default SCimilarity's 5,000 of 28,231, scaled to the model.
+        min_confidence
+            Cells below this probability are labelled 'unassigned'.
+        max_novelty
+            "auto" labels cells beyond their label's novelty limit 'unassigned'; a number is one cosine-distance
+            limit for every class; None counts novel cells only.
+        majority_voting, over_clustering, min_share
+            Majority voting (see `scl.majority_vote`): clusters from `over_clustering` (an obs column name or one
+            cluster id per cell), or from an automatic over-clustering of the embedding when only
+            `majority_voting=True`. Clusters whose top label holds less than `min_share` are 'heterogeneous'.
+        batch_size
+            Cells per block; memory is threads x batch_size x model genes x 4 bytes.
+
+        Returns
+        -------
+        AnnotationResult
+
+        Examples
+        --------
+        >>> result = annotator.annotate(adata, majority_voting=True)
+        >>> result.to_frame().head()
+        >>> result.embedding.shape
+        (2800, 128)
+        """
+        options = AnnotateOptions(min_confidence, max_novelty, progress)
+        read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, block_size=batch_size)
+        started = time.perf_counter()
+        with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
+            clusters = voting.given_clusters(over_clustering, data, source)
+            collected, tally = BlockCollector(source.n_cells), RunTally()
+            bar = tqdm(total=source.n_cells, desc="scl", unit="cells", disable=not progress, leave=False)
+            for block in self.stream(source, options):
+                collected.add({"cell_ids": block.cell_ids, "embedding": block.embedding, "probabilities": block.probabilities, **block.calls})
+                tally.add(block, self.session.classes)
+                bar.update(len(block.cell_ids))
+            bar.close()
+            result = AnnotationResult.from_arrays(collected.arrays(), self.classes, present(block.calls))
+            extra = {"output": None}
+            if majority_voting or clusters is not None:
+                result.add_votes(clusters, min_share)
+                extra["majority_voting"] = voting.summary(result.calls, over_clustering, min_share)
+            result.report = self.report(source, options, tally, time.perf_counter() - started, **extra)
+        return result
+
+    def embed(self, data, genes=None, cell_ids=None, **kwargs) -> np.ndarray:
+        """The L2-normalised embedding [cells, latent] of cells in memory (takes annotate()'s reading options).
+
+        Examples
+        --------
+        >>> adata.obsm["X_scl"] = annotator.embed(adata)
+        >>> sc.pp.neighbors(adata, use_rep="X_scl")
+        """
+        return self.annotate(data, genes, cell_ids, **kwargs).embedding
+
+    def describe(self) -> dict:
+        return self.session.describe() | {"notes": self.session.notes}
+
+
+def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = None, key_added: str = "scl", copy: bool = False,
+             device: str = "auto", threads: int | None = None, **options):
+    """Annotate an AnnData in place (or a copy), scanpy-style: what scl-annotate writes to .h5ad files.
+
+    Writes obs `{key_added}_label`, `_confidence`, `_second_label`, `_second_probability`, `_novelty` (and `_novel`
+    for models with novelty limits; `_cluster`, `_majority_label`, `_majority_share` with majority voting),
+    obsm `X_{key_added}` (the embedding) and `{key_added}_probabilities`, and uns[key_added] (the run's report).
+
+    Parameters
+    ----------
+    adata
+        AnnData with counts (or log1p(CP10k)) of cells x genes; gene symbols or Ensembl IDs in var.
+    model
+        Path of the .onnx from scl-export, or an `Annotator` (reuse one to annotate many objects).
+    layer, use_raw
+        Where the counts are. By default, as scl-annotate reads files: layers['counts'], else raw, else X.
+    key_added
+        Prefix of the obs, obsm and uns keys.
+    copy
+        Annotate a copy and return it, leaving `adata` untouched; otherwise annotate `adata` and return None.
+    device, threads
+        See `Annotator`.
+    **options
+        Any option of `Annotator.annotate`: min_confidence, max_novelty, majority_voting, over_clustering, min_share,
+        gene_column, input_kind, min_genes, batch_size, progress.
+
+    Examples
+    --------
+    >>> import scl
+    >>> scl.annotate(adata, "model.onnx", over_clustering="leiden")
+    >>> adata.obs[["scl_label", "scl_confidence", "scl_majority_label"]].head()
+    >>> sc.pp.neighbors(adata, use_rep="X_scl")
+    """
+    if not is_anndata(adata):
+        raise SclError(f"scl.annotate takes an AnnData, not a {type(adata).__name__}; for matrices and DataFrames use "
+                       "scl.Annotator(model).annotate(X, genes=...).")
+    annotator = model if isinstance(model, Annotator) else Annotator(model, device, threads)
+    target = adata.copy() if copy else adata
+    result = annotator.annotate(target, layer=layer, use_raw=use_raw, **options)
+    result.to_adata(target, key_added)
+    return target if copy else None

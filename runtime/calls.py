@@ -1,0 +1,92 @@
+"""From probabilities and embeddings to what users read, and the one declaration of the output columns.
+
+Every output (CSV, h5ad, AnnData from Python, the server's JSON, `AnnotationResult.to_frame()`) is written from
+COLUMNS: adding a column is one `Column` here plus its computation in `call_cells` (or `voting.py`).
+
+Novelty is the cosine distance from a cell's embedding to its label's training centroid. A cell of a type the
+model never saw still gets one of the known labels, often with confidence 1, but sits far from that centroid.
+Models exported by scl carry a limit per class (see train/novelty.py); cells beyond it are `novel`, and are
+labelled unassigned when asked (`max_novelty`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .session import Prediction
+
+UNASSIGNED = "unassigned"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One per-cell output. CSV header and JSON key: `name`; AnnData obs column: f"{key_added}_{name}"."""
+
+    name: str
+    kind: str  # "label": class index (-1 unassigned), written as names; "category": strings; "float"; "bool"
+    doc: str
+
+
+COLUMNS = (
+    Column("label", "label", "predicted cell type, or 'unassigned' (below min_confidence, or novel with max_novelty)"),
+    Column("confidence", "float", "probability of the predicted type"),
+    Column("second_label", "label", "runner-up cell type"),
+    Column("second_probability", "float", "probability of the runner-up"),
+    Column("novelty", "float", "cosine distance from the cell's embedding to its label's training centroid"),
+    Column("novel", "bool", "beyond its label's novelty limit: unlike the training cells (models with limits only)"),
+)
+VOTING_COLUMNS = (
+    Column("cluster", "category", "the over-clustering cluster the cell belongs to"),
+    Column("majority_label", "category", "the most frequent label of the cell's cluster, or 'heterogeneous'"),
+    Column("majority_share", "float", "share of the cell's cluster that carries the cluster's most frequent label"),
+)
+Calls = dict  # column name -> np.ndarray, one value per cell
+
+
+def cosine_distance(embedding: np.ndarray, unit_centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return (1.0 - np.sum(embedding * unit_centroids[labels], axis=1)).astype(np.float32)
+
+
+def call_cells(pred: Prediction, unit_centroids: np.ndarray, min_confidence: float = 0.0,
+               novelty_limits: np.ndarray | None = None, unassign_novel: bool = False) -> Calls:
+    """The COLUMNS for a block of cells; 'novel' only where there are novelty limits."""
+    probs = pred.probabilities
+    order = np.argsort(-probs, axis=1, kind="stable")  # ties go to the earlier class
+    best = order[:, 0]
+    second = order[:, 1] if probs.shape[1] > 1 else best
+    rows = np.arange(len(probs))
+    confidence = probs[rows, best]
+    novelty = cosine_distance(pred.embedding, unit_centroids, best)
+    novel = novelty > novelty_limits[best] if novelty_limits is not None else np.zeros(len(best), dtype=bool)
+    keep = (confidence >= min_confidence) & ~(novel & unassign_novel)
+    calls = {"label": np.where(keep, best, -1), "confidence": confidence, "second_label": second,
+             "second_probability": probs[rows, second], "novelty": novelty}
+    if novelty_limits is not None:
+        calls["novel"] = novel
+    return calls
+
+
+def present(calls: Calls, columns=COLUMNS + VOTING_COLUMNS) -> list[Column]:
+    return [c for c in columns if c.name in calls]
+
+
+def label_names(classes: list[str], index: np.ndarray) -> np.ndarray:
+    names = np.array(list(classes) + [UNASSIGNED], dtype=object)
+    return names[index]  # -1 picks UNASSIGNED
+
+
+def as_values(column: Column, values: np.ndarray, classes: list[str]) -> np.ndarray:
+    """A column's values as users read them: names for labels, the stored values otherwise."""
+    return label_names(classes, values) if column.kind == "label" else values
+
+
+def json_value(column: Column, value, classes: list[str]):
+    if column.kind == "label":
+        return classes[value] if value >= 0 else UNASSIGNED
+    if column.kind == "float":
+        return float(value)
+    if column.kind == "bool":
+        return bool(value)
+    return str(value)

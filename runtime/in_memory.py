@@ -1,0 +1,127 @@
+"""Cells already in memory (AnnData, numpy, scipy sparse, pandas), served in blocks like a file.
+
+The same interface as H5adFile and TextMatrix (var_names, var_columns, cell_ids, blocks), so in-memory data goes
+through the same checks, alignment and normalisation as files. Nothing is made dense whole: blocks of CSR rows are
+views into the caller's arrays; a CSC matrix is converted to CSR once (a copy the size of the matrix).
+Neither anndata nor pandas is imported unless the caller's data is of their types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+from .errors import SclError
+from .h5ad import SparseRows
+
+
+def _type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+def is_anndata(obj) -> bool:
+    return _type_name(obj).startswith("anndata.") and hasattr(obj, "obs_names")
+
+
+def is_dataframe(obj) -> bool:
+    return _type_name(obj).startswith("pandas.") and hasattr(obj, "columns")
+
+
+class MemoryMatrix:
+    """Rows of an in-memory matrix with its gene names and cell ids."""
+
+    def __init__(self, x, genes, cell_ids=None, var_columns: dict | None = None, name: str = "matrix"):
+        if sparse.issparse(x):
+            x = x.tocsr() if x.format != "csr" else x  # CSC and others: one conversion, the size of the matrix
+        elif hasattr(x, "toarray") or not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        if x.ndim != 2:
+            raise SclError(f"{name}: expected a 2-D matrix of cells x genes, got {x.ndim} dimension(s).")
+        if genes is None:
+            raise SclError(f"{name}: a bare matrix carries no gene names; pass genes=[...] with one symbol or Ensembl ID per column.", "genes")
+        self.var_names = np.asarray([str(g) for g in genes], dtype=object)
+        if len(self.var_names) != x.shape[1]:
+            raise SclError(f"{name}: {x.shape[1]} columns but {len(self.var_names)} gene names; give one name per column (cells as rows).", "genes")
+        if cell_ids is None:
+            cell_ids = np.arange(x.shape[0]).astype(str)
+        self.cell_ids = np.asarray(cell_ids, dtype=object).astype(str).astype(object)
+        if len(self.cell_ids) != x.shape[0]:
+            raise SclError(f"{name}: {x.shape[0]} rows but {len(self.cell_ids)} cell ids; give one id per row.", "cell_ids")
+        self.x = x
+        self.var_columns = var_columns or {}
+        self.matrix_name = name
+        self.n_cells = x.shape[0]
+
+    def var_column(self, key: str) -> np.ndarray:
+        if key not in self.var_columns:
+            raise SclError(f"var has no column {key!r}; choose one of: {', '.join(sorted(self.var_columns)) or '(none)'}.", "gene_column")
+        return np.asarray(self.var_columns[key]).astype(str).astype(object)
+
+    def blocks(self, size: int):
+        """(cell ids, rows) per block of `size` cells: SparseRows views for sparse data, arrays for dense."""
+        for start in range(0, self.n_cells, size):
+            stop = min(start + size, self.n_cells)
+            yield self.cell_ids[start:stop], self._rows(start, stop)
+
+    def _rows(self, start: int, stop: int):
+        x = self.x
+        if isinstance(x, np.ndarray):
+            return x[start:stop]
+        lo, hi = x.indptr[start], x.indptr[stop]
+        return SparseRows(x.data[lo:hi], x.indices[lo:hi], x.indptr[start : stop + 1] - lo)
+
+    def close(self) -> None:
+        pass
+
+
+def choose_anndata_matrix(adata, layer: str | None, use_raw: bool | None):
+    """(matrix, genes, var dataframe, name): the counts the way --matrix auto picks them in files.
+
+    Default: layers['counts'], else raw.X, else X (raw counts first, where the object keeps them)."""
+    if layer is not None and use_raw:
+        raise SclError("layer and use_raw both given; choose one.", "layer", "use_raw")
+    if layer is not None:
+        if layer not in adata.layers:
+            raise SclError(f"adata has no layer {layer!r}; choose one of: {', '.join(adata.layers) or '(none)'}.", "layer")
+        return adata.layers[layer], adata.var, f"layers[{layer!r}]"
+    if use_raw or (use_raw is None and "counts" not in adata.layers and adata.raw is not None):
+        if adata.raw is None:
+            raise SclError("adata.raw is None; annotate X or a layer instead.", "use_raw", "layer")
+        return adata.raw.X, adata.raw.var, "raw.X"
+    if use_raw is None and "counts" in adata.layers:
+        return adata.layers["counts"], adata.var, "layers['counts']"
+    return adata.X, adata.var, "X"
+
+
+def from_anndata(adata, layer: str | None = None, use_raw: bool | None = None) -> MemoryMatrix:
+    x, var, name = choose_anndata_matrix(adata, layer, use_raw)
+    if x is None:
+        raise SclError(f"adata.{name} is empty (None); put the counts in X, a layer or raw.", "layer")
+    columns = {c: var[c].to_numpy() for c in var.columns}
+    return MemoryMatrix(x, var.index, adata.obs_names, columns, name)
+
+
+def from_dataframe(frame) -> MemoryMatrix:
+    """Cells as rows, genes as columns (CellTypist's layout for tables)."""
+    import pandas as pd  # already imported by whoever made the frame
+
+    if len(frame.columns) and all(isinstance(t, pd.SparseDtype) for t in frame.dtypes):
+        x = frame.sparse.to_coo().tocsr()
+    else:
+        x = frame.to_numpy()
+    return MemoryMatrix(x, frame.columns, frame.index, name="DataFrame")
+
+
+def memory_matrix(x, genes=None, cell_ids=None, layer=None, use_raw=None) -> MemoryMatrix:
+    """Any supported in-memory object as a MemoryMatrix."""
+    if is_anndata(x):
+        return from_anndata(x, layer, use_raw)
+    if layer is not None or use_raw is not None:
+        raise SclError("layer and use_raw apply to AnnData objects.", "layer", "use_raw")
+    if is_dataframe(x):
+        if genes is not None:
+            raise SclError("a DataFrame's columns are its genes; leave genes out.", "genes")
+        return from_dataframe(x)
+    if not (sparse.issparse(x) or isinstance(x, np.ndarray) or hasattr(x, "__array__")):
+        raise SclError(f"cannot annotate a {type(x).__name__}; give an AnnData, a numpy array, a scipy sparse matrix or a pandas DataFrame.")
+    return MemoryMatrix(x, genes, cell_ids, name=type(x).__name__)

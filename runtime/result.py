@@ -1,0 +1,161 @@
+"""What `Annotator.annotate` returns: the calls, embedding and probabilities of every cell, and the run's report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import voting
+from .calls import VOTING_COLUMNS, Column, as_values, label_names
+from .errors import SclError
+
+
+def obs_name(key_added: str, column: Column) -> str:
+    return f"{key_added}_{column.name}"
+
+
+def embedding_key(key_added: str) -> str:
+    return f"X_{key_added}"
+
+
+def probabilities_key(key_added: str) -> str:
+    return f"{key_added}_probabilities"
+
+
+@dataclass
+class AnnotationResult:
+    """Calls for every cell, in input order.
+
+    Attributes
+    ----------
+    cell_ids
+        One id per cell (AnnData obs_names, DataFrame index, or "0", "1", ... for bare matrices).
+    calls
+        Column name -> values, for each of `columns` (see `scl.COLUMNS`); labels as class indices (-1: unassigned).
+    embedding
+        float32 [cells, latent], L2-normalised: use it as `sc.pp.neighbors(adata, use_rep="X_scl")` does.
+    probabilities
+        float32 [cells, classes], columns in the order of `classes`.
+    classes
+        The model's cell types.
+    report
+        The run's summary: input, gene matching, model, label counts, novelty, timing (scl-annotate's --report).
+
+    Examples
+    --------
+    >>> result = scl.Annotator("model.onnx").annotate(adata)
+    >>> result.to_frame()["label"].value_counts()
+    >>> annotated = result.to_adata(adata)      # obs scl_label, ..., obsm X_scl, uns scl
+    """
+
+    cell_ids: np.ndarray
+    calls: dict
+    embedding: np.ndarray
+    probabilities: np.ndarray
+    classes: list[str]
+    columns: list[Column]
+    report: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, classes: list[str], columns: list[Column]) -> AnnotationResult:
+        """From BlockCollector.arrays(): cell_ids, embedding, probabilities and one entry per column."""
+        calls = {c.name: arrays[c.name] for c in columns}
+        return cls(arrays["cell_ids"], calls, arrays["embedding"], arrays["probabilities"], classes, columns)
+
+    @property
+    def predicted_labels(self) -> np.ndarray:
+        """Each cell's label as a name ('unassigned' where refused)."""
+        return label_names(self.classes, self.calls["label"])
+
+    def add_votes(self, clusters: np.ndarray | None, min_share: float = voting.MIN_SHARE) -> None:
+        """Majority voting over `clusters` (one id per cell), or over an automatic over-clustering of the embedding."""
+        if clusters is None:
+            clusters = voting.over_cluster(self.embedding)
+        self.calls.update(voting.majority_vote(self.predicted_labels, clusters, min_share))
+        self.columns = [c for c in self.columns if c not in VOTING_COLUMNS] + list(VOTING_COLUMNS)
+
+    def values(self, column: Column) -> np.ndarray:
+        """A column as users read it: names for labels."""
+        return as_values(column, self.calls[column.name], self.classes)
+
+    def to_frame(self, probabilities: bool = False):
+        """A pandas DataFrame, one row per cell (index: cell ids), one column per output column.
+
+        Examples
+        --------
+        >>> result.to_frame(probabilities=True).head()
+        """
+        import pandas as pd
+
+        frame = pd.DataFrame({c.name: self._series_values(c, pd) for c in self.columns}, index=pd.Index(self.cell_ids, name="cell_id"))
+        if probabilities:
+            frame = frame.join(pd.DataFrame(self.probabilities, index=frame.index, columns=[f"p_{c}" for c in self.classes]))
+        return frame
+
+    def _series_values(self, column: Column, pd):
+        values = self.values(column)
+        if column.kind == "label":
+            return pd.Categorical(values, categories=list(self.classes) + ["unassigned"])
+        if column.kind == "category":
+            return pd.Categorical(values.astype(str))
+        return values
+
+    def to_adata(self, adata=None, key_added: str = "scl"):
+        """Write the results into `adata` (in place) or, without one, into a new AnnData with no X.
+
+        obs f"{key_added}_label", ... (one per column), obsm f"X_{key_added}" (embedding) and
+        f"{key_added}_probabilities", uns[key_added] (the report): what scl-annotate writes to .h5ad files.
+
+        Examples
+        --------
+        >>> result.to_adata(adata)
+        >>> sc.pl.umap(adata, color="scl_label")
+        """
+        import anndata
+        import pandas as pd
+
+        if adata is None:
+            adata = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(self.cell_ids.astype(str))))
+        if adata.n_obs != len(self.cell_ids):
+            raise SclError(f"the result holds {len(self.cell_ids)} cells but the AnnData {adata.n_obs}; write it into the AnnData it came from.")
+        for column in self.columns:
+            adata.obs[obs_name(key_added, column)] = self._series_values(column, pd)
+        adata.obsm[embedding_key(key_added)] = self.embedding
+        adata.obsm[probabilities_key(key_added)] = self.probabilities
+        adata.uns[key_added] = {"report_json": json.dumps(self.report), "model": self.report.get("model", {}).get("path", ""),
+                                "provider": self.report.get("model", {}).get("provider", "")}
+        return adata
+
+    def __repr__(self) -> str:
+        counts = self.report.get("labels") or {}
+        top = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:5])
+        return f"AnnotationResult({len(self.cell_ids)} cells, {len(self.classes)} classes; {top})"
+
+
+class BlockCollector:
+    """Blocks of per-cell arrays gathered into one array each. With the number of cells known (files with an obs
+    index, everything in memory), each array is allocated once and filled in place: concatenating at the end would
+    hold every result twice (1 GB for a million cells' embeddings)."""
+
+    def __init__(self, n_cells: int | None):
+        self.n_cells = n_cells
+        self.filled = 0
+        self.parts: dict[str, list | np.ndarray] = {}
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(values.values())))
+        for key, value in values.items():
+            if self.n_cells is None:
+                self.parts.setdefault(key, []).append(value)
+                continue
+            if key not in self.parts:
+                self.parts[key] = np.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype)
+            self.parts[key][self.filled : self.filled + n] = value
+        self.filled += n
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.n_cells is None:
+            return {k: np.concatenate(v) for k, v in self.parts.items()}
+        return {k: v[: self.filled] for k, v in self.parts.items()}
