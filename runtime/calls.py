@@ -22,7 +22,14 @@ UNASSIGNED = "unassigned"
 
 @dataclass(frozen=True)
 class Column:
-    """One per-cell output. CSV header and JSON key: `name`; AnnData obs column: f"{key_added}_{name}"."""
+    """One per-cell output. CSV header and JSON key: `name`; AnnData obs column: f"{key_added}_{name}".
+
+    Examples
+    --------
+    >>> [c.name for c in scl.COLUMNS]
+    ['label', 'confidence', 'second_label', 'second_probability', 'novelty', 'novel']
+    >>> Column("entropy", "float", "entropy of the probabilities")   # plus its computation in call_cells
+    """
 
     name: str
     kind: str  # "label": class index (-1 unassigned), written as names; "category": strings; "float"; "bool"

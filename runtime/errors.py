@@ -35,8 +35,24 @@ class SclError(ValueError):
 
 
 class ModelError(SclError):
-    """The model file is missing, unreadable or inconsistent."""
+    """The model file is missing, unreadable or inconsistent.
+
+    Examples
+    --------
+    >>> try:
+    ...     scl.Annotator("old_or_broken.onnx")
+    ... except scl.ModelError as err:
+    ...     print(err)
+    """
 
 
 class GeneOverlapError(SclError):
-    """Too few of the model's genes are in the input."""
+    """Too few of the model's genes are in the input.
+
+    Examples
+    --------
+    >>> try:
+    ...     annotator.annotate(adata)
+    ... except scl.GeneOverlapError:
+    ...     annotator.annotate(adata, gene_column="gene_symbols")
+    """

@@ -92,10 +92,9 @@ def given_clusters(over_clustering, data, source) -> np.ndarray | None:
     if not isinstance(over_clustering, str):
         return np.asarray(over_clustering)
     obs = getattr(data, "obs", None)
-    if obs is not None:
-        if over_clustering not in obs:
-            raise SclError(f"obs has no column {over_clustering!r}; choose one of: {', '.join(map(str, obs.columns)) or '(none)'}.", "over_clustering")
-        return obs[over_clustering].to_numpy()
-    if hasattr(source.matrix, "obs_column"):
-        return source.matrix.obs_column(over_clustering)
+    columns = list(map(str, obs.columns)) if obs is not None else list(getattr(source.matrix, "obs_columns", None) or [])
+    if obs is not None or hasattr(source.matrix, "obs_column"):
+        if over_clustering not in columns:
+            raise SclError(f"{source.path}: obs has no column {over_clustering!r}; choose one of: {', '.join(sorted(columns)) or '(none)'}.", "over_clustering")
+        return obs[over_clustering].to_numpy() if obs is not None else source.matrix.obs_column(over_clustering)
     raise SclError(f"clusters by column name need an AnnData or .h5ad input; {source.path} has no obs.", "over_clustering")
