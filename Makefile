@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo benchmark
+.PHONY: setup test test-fast demo benchmark
 
 # torch is pinned and installed first: the CPU build (a local wheel on these machines); left to
 # peft's resolver, pip would download a CUDA build of several GB.
@@ -15,6 +15,10 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q
+
+# while developing: readers, genes, normalisation, calls, bad input and model directories; no training (under a minute)
+test-fast:
+	$(BIN)/python -m pytest -q tests/test_readers.py tests/test_bad_input.py tests/test_calls.py tests/test_model_dir.py
 
 demo:
 	$(BIN)/scl-demo --out demo_out

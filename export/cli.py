@@ -66,12 +66,10 @@ def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]
     return random_counts(n, len(run.model.gene_order)), "random Poisson counts (no count data to sample)"
 
 
-INT8_AGREEMENT_WARNING = 0.95
-
-
 def fp32_failure(result: dict, run) -> str:
     text = (f"the fp32 export disagrees with torch beyond 1e-4 (probabilities {result['max_abs_diff_probabilities']:.1e}, "
-            f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was kept")
+            f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was written "
+            "(a file already at --out is left as it was)")
     head_norm = float(run.head.weight.detach().norm(dim=1).max())
     if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
         text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
@@ -101,9 +99,11 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
 
     from scl.train.run_dir import load_run
 
+    from scl.runtime.atomic import atomic_path
+
+    from . import onnx_file
     from .graph import AnnotationModel
-    from .onnx_file import convert_fp16, export_fp32, quantize_int8, save_with_metadata
-    from .validate import compare
+    from .validate import compare, write_report
 
     out = Path(out)
     if not out.parent.is_dir():
@@ -112,19 +112,22 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     module = AnnotationModel(run.model.encoder, run.head).eval()
     values = metadata_values(run, Path(run_dir))
     counts, sample = sample_cells(run, sample_data, n_sample)
-    save_with_metadata(export_fp32(module, len(run.model.gene_order)), values, out)
-    results = [compare(out, "fp32", module, counts, sample)]
-    if not results[0]["passed"]:
-        out.unlink()
-        raise click.ClickException(fp32_failure(results[0], run))
-    written = [out]
-    variants = [("int8", quantize == "int8", lambda: quantize_int8(out)), ("fp16", fp16, lambda: convert_fp16(onnx.load(str(out))))]
+    variants = [("fp32", True, lambda: onnx_file.export_fp32(module, len(run.model.gene_order))),
+                ("int8", quantize == "int8", lambda: onnx_file.quantize_int8(out)),
+                ("fp16", fp16, lambda: onnx_file.convert_fp16(onnx.load(str(out))))]
+    results, written = [], []
     for name, wanted, make in variants:
-        if wanted:
-            path = out.with_name(f"{out.stem}.{name}.onnx")
-            save_with_metadata(make(), values, path)
-            results.append(compare(path, name, module, counts, sample))
-            written.append(path)
+        if not wanted:
+            continue
+        path = out if name == "fp32" else out.with_name(f"{out.stem}.{name}.onnx")
+        with atomic_path(path, suffix=".onnx") as tmp:  # a file that fails validation never replaces the one there
+            onnx_file.save_unchecked(make(), values, tmp)
+            result = compare(Path(tmp), name, module, counts, sample)
+            if not result["passed"]:
+                raise click.ClickException(fp32_failure(result, run))
+        write_report(path, result)
+        results.append(result)
+        written.append(path)
     for r, path in zip(results, written):
         if not r["validated"]:
             click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; not validated here ({', '.join(r['providers'])}: {r['reason']})")
@@ -132,5 +135,5 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
         click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; vs torch on {r['cells']} cells: "
                    f"labels agree {100 * r['label_agreement']:.2f}%, max |d prob| {r['max_abs_diff_probabilities']:.2e}, "
                    f"max |d embedding| {r['max_abs_diff_embedding']:.2e}")
-        if r["variant"] == "int8" and r["label_agreement"] < INT8_AGREEMENT_WARNING:
-            click.secho(f"warning: the int8 model changes {100 * (1 - r['label_agreement']):.1f}% of labels on these cells; prefer {out.name} for this model.", fg="yellow", err=True)
+        if "warning" in r:
+            click.secho(f"warning: {path.name}: {r['warning']} ({out.name}).", fg="yellow", err=True)

@@ -28,12 +28,17 @@ def weights_digest(model: onnx.ModelProto) -> str:
 
 def save_with_metadata(model: onnx.ModelProto, values: dict, path: Path) -> None:
     """Stamp the metadata (with this file's own weight digest) and write atomically."""
+    with atomic_path(path, suffix=".onnx") as tmp:
+        save_unchecked(model, values, tmp)
+
+
+def save_unchecked(model: onnx.ModelProto, values: dict, path) -> None:
+    """Stamp the metadata and write to `path` as it is (scl-export writes a temporary file, validates, then renames)."""
     values = {**values, "weights_sha256": weights_digest(model)}
     del model.metadata_props[:]
     for key, value in meta.encode(values).items():
         model.metadata_props.add(key=key, value=value)
-    with atomic_path(path, suffix=".onnx") as tmp:
-        onnx.save(model, tmp)
+    onnx.save(model, str(path))
 
 
 def export_fp32(module: AnnotationModel, n_genes: int) -> onnx.ModelProto:

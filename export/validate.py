@@ -10,11 +10,13 @@ import onnxruntime as ort
 import torch
 
 from scl.runtime import model_metadata as meta
+from scl.runtime.atomic import atomic_path
 from scl.runtime.normalize import lognorm
 
 from .graph import AnnotationModel
 
 FP32_TOLERANCE = 1e-4
+INT8_AGREEMENT_WARNING = 0.95  # an int8 file that changes more labels than this warns, in its report and on stderr
 
 
 def torch_outputs(module: AnnotationModel, counts: np.ndarray, is_lognorm: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -43,10 +45,8 @@ def compare(path: Path, variant: str, module: AnnotationModel, counts: np.ndarra
     try:
         o_probs, o_emb = onnx_outputs(path, counts, False, providers)
     except Exception as err:  # onnxruntime's NOT_IMPLEMENTED for a kernel this provider lacks
-        result = {"variant": variant, "sample": sample, "cells": len(counts), "providers": providers, "validated": False,
-                  "reason": str(err).splitlines()[0][:300], "passed": variant != "fp32"}
-        Path(f"{path}.validation.json").write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        return {"variant": variant, "sample": sample, "cells": len(counts), "providers": providers, "validated": False,
+                "reason": str(err).splitlines()[0][:300], "passed": variant != "fp32"}
     lognormed = lognorm(counts.astype(np.float32, copy=True))
     o_probs_ln, _ = onnx_outputs(path, lognormed, True, providers)
     result = {
@@ -63,5 +63,12 @@ def compare(path: Path, variant: str, module: AnnotationModel, counts: np.ndarra
     result["passed"] = variant != "fp32" or (
         result["max_abs_diff_probabilities"] <= FP32_TOLERANCE and result["max_abs_diff_embedding"] <= FP32_TOLERANCE and result["label_agreement"] == 1.0
     )
-    Path(f"{path}.validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    if variant == "int8" and result["label_agreement"] < INT8_AGREEMENT_WARNING:
+        result["warning"] = f"the int8 model changes {100 * (1 - result['label_agreement']):.1f}% of labels on these cells; prefer the fp32 model"
     return result
+
+
+def write_report(path: Path, result: dict) -> None:
+    """<model>.validation.json beside the model, written once the model is in place."""
+    with atomic_path(f"{path}.validation.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")

@@ -104,4 +104,5 @@ def exported(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     code, stdout, stderr = run("scl-export", run_dir, "--out", out, "--quantize", "int8", "--fp16", "--sample-cells", "70")
     assert code == 0, stderr
+    (out.parent / "stderr.txt").write_text(stderr)
     return out

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 
 import anndata as ad
@@ -65,7 +66,8 @@ def test_every_layout_gives_the_same_calls(layout, exported, pbmc_small, tmp_pat
 
 
 def test_real_files_from_the_command_line(exported, pbmc_path, brain_path, csv_path, tmp_path):
-    stdout = run("scl-annotate", pbmc_path, brain_path, csv_path, "--model", exported, "--output-dir", tmp_path, "--format", "csv")[1]
+    code, stdout, stderr = run("scl-annotate", pbmc_path, brain_path, csv_path, "--model", exported, "--output-dir", tmp_path, "--format", "csv")
+    assert code == 0, stderr
     assert "2,800 cells" in stdout and "466 cells" in stdout and "559 cells" in stdout and "cells/s on CPUExecutionProvider" in stdout
     for name, n in (("pbmc_sorted_dev", 2800), ("darmanis_brain_466", 466), ("celltypist_sample_559cells", 559)):
         table = pd.read_csv(tmp_path / f"{name}.scl.csv")
@@ -160,3 +162,36 @@ def test_max_novelty_errors_and_models_without_limits(exported, small_data, tmp_
     assert code != 0 and "carries no novelty limits" in stderr and not (tmp_path / "x.csv").exists()
     annotate(small_data / "val.h5ad", "--model", tmp_path / "older.onnx", "--output", tmp_path / "x.csv", "--report", tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text())["novelty"] == {"limits": None, "novel_cells": None, "unassigned_if_novel": False}
+
+
+def test_input_is_never_modified(pbmc_path, exported, tmp_path):
+    copy = shutil.copy(pbmc_path, tmp_path / "in.h5ad")
+    before = open(copy, "rb").read()
+    os.chmod(copy, 0o644)  # writable: a reader that wrote would be able to
+    code, _, stderr = run("scl-annotate", copy, "--model", exported, "--output", tmp_path / "out.h5ad", "--quiet")
+    assert code == 0, stderr
+    assert open(copy, "rb").read() == before and ad.read_h5ad(tmp_path / "out.h5ad").n_obs == 2800
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.h5ad").stat().st_mode & 0o777 == 0o666 & ~umask  # the user's usual mode, not mkstemp's 0600
+
+
+def test_novelty_equals_an_independent_computation_and_scl_trains_count(exported, run_dir, small_data, tmp_path):
+    """scl_novelty and scl_novel recomputed from the embedding, unit centroids from the model's metadata and each
+    cell's own label and limit; the novel share on the training cells is the one scl-train recorded."""
+    from scl.runtime import model_metadata
+
+    train = small_data / "train.h5ad"
+    annotate(train, "--model", exported, "--output", tmp_path / "t.h5ad", "--probabilities")
+    out = ad.read_h5ad(tmp_path / "t.h5ad")
+    meta = model_metadata.decode({p.key: p.value for p in onnx.load(str(exported)).metadata_props}, "model")
+    centroids = np.asarray(meta["centroids"], dtype=np.float64)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    limits = np.asarray(meta["novelty_limits"]["values"])
+    label = out.obsm["scl_probabilities"].argmax(1)
+    assert [meta["classes"][i] for i in label] == list(out.obs["scl_label"])
+    distance = 1 - np.sum(out.obsm["X_scl"] * centroids[label], axis=1)
+    np.testing.assert_allclose(out.obs["scl_novelty"], distance, atol=1e-5)
+    assert list(out.obs["scl_novel"]) == list(distance > limits[label])
+    recorded = json.loads((run_dir / "metrics.json").read_text())["novelty"]["training_share_beyond"]
+    assert round(out.obs["scl_novel"].mean(), 4) == recorded

@@ -68,6 +68,15 @@ def test_anndata_in_memory_matches_scl_annotate(layout, exported, pbmc_small, cl
     assert report["input"]["matrix"] == {"counts_in_layer": "layers['counts']", "counts_in_raw": "raw.X"}.get(layout, report["input"]["matrix"])
 
 
+def test_backed_anndata_is_read_from_its_file(exported, pbmc_small, cli_calls, tmp_path):
+    LAYOUTS["counts_in_layer"](pbmc_small).write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    scl.annotate(backed, exported, progress=False)
+    assert list(backed.obs["scl_label"]) == list(cli_calls.obs["scl_label"])
+    assert json.loads(backed.uns["scl"]["report_json"])["input"]["matrix"] == "layers/counts"
+    backed.file.close()
+
+
 def test_in_place_key_added_and_layer_choice(exported, pbmc_small, cli_calls):
     adata = LAYOUTS["counts_in_layer"](pbmc_small)
     assert scl.annotate(adata, exported, key_added="pbmc", progress=False) is None  # in place, scanpy-style

@@ -50,3 +50,6 @@ def test_runtime_only_install_pulls_no_torch(tmp_path):
     assert "onnxruntime " in listed and "torch" not in listed and "onnxruntime-gpu" not in listed
     help_out = subprocess.run([env_dir / "bin" / "scl-annotate", "--help"], capture_output=True, text=True)
     assert help_out.returncode == 0, help_out.stderr
+    api = subprocess.run([env_dir / "bin" / "python", "-c", "import scl, sys; print(scl.Annotator.__name__, 'torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=tmp_path)  # not the checkout: the installed package
+    assert api.stdout.split() == ["Annotator", "False"], api.stderr

@@ -140,7 +140,8 @@ def test_duplicate_and_differently_cased_symbols(pbmc_small, scimilarity_genes, 
     assert info["genes"]["matched_ignoring_case"] >= 1
     col = scimilarity_genes.index(pbmc_small.var_names[0])
     counts = pbmc_small.X[:, :6000].toarray()
-    totals = counts[:, [i for i, g in enumerate(pbmc_small.var_names[:6000]) if g in set(scimilarity_genes)]].sum(1)
+    model_genes = set(scimilarity_genes)
+    totals = counts[:, [i for i, g in enumerate(pbmc_small.var_names[:6000]) if g in model_genes]].sum(1)
     np.testing.assert_allclose(x[:, col], np.log1p((counts[:, 0] + counts[:, 1]) / totals * 1e4), rtol=1e-5)
 
 

@@ -58,7 +58,8 @@ def test_run_dir_has_every_artifact_and_report(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"base+linear", "base+knn", "lora"}
     for m in metrics["methods"].values():
-        assert 0 <= m["macro_f1"] <= 1 and m["top3"] >= m["top1"]
+        # 7 balanced classes: chance is 0.14; this tiny 2-epoch model measured 0.51 (k-NN) to 0.61 (probe, LoRA)
+        assert 0.35 <= m["macro_f1"] <= 1 and m["top3"] >= m["top1"]
         assert len(m["per_class"]) == 7 and np.array(m["confusion_matrix"]).sum() == 70
         assert m["reconstruction_mse"] > 0 and m["batch_hard_triplet"] >= 0
     assert metrics["methods"]["base+linear"]["fit"]["converged"]

@@ -1,0 +1,68 @@
+"""Put one-line bugs into scl one at a time and check that the tests catch each (mutation testing, by hand).
+
+    .venv/bin/python tests/mutants.py            # every mutant, about 10 minutes
+    .venv/bin/python tests/mutants.py novelty    # those whose name contains 'novelty'
+
+Each mutant replaces one exact snippet in one file (the script refuses to run if the snippet is not there exactly
+once), runs the tests named beside it, and restores the file whatever happens. A mutant that no test catches makes
+the script exit 1. Not part of `make test`: it edits the working tree while it runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NOVELTY_TESTS = ["tests/test_calls.py", "tests/test_annotate.py::test_novelty_equals_an_independent_computation_and_scl_trains_count"]
+EXPORT_TESTS = ["tests/test_export.py"]
+
+MUTANTS = [
+    ("novelty against the runner-up's limit", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty > novelty_limits[second]", NOVELTY_TESTS),
+    ("novelty > becomes >=", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty >= novelty_limits[best]", NOVELTY_TESTS),
+    ("centroids not unit length", "runtime/session.py", "self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)",
+     "self.centroids *= 1.5", NOVELTY_TESTS),
+    ("min-confidence >= becomes >", "runtime/calls.py", "keep = (confidence >= min_confidence)", "keep = (confidence > min_confidence)", ["tests/test_calls.py"]),
+    ("min-genes < becomes <=", "runtime/genes.py", "if matched < min_overlap:", "if matched <= min_overlap:", ["tests/test_calls.py"]),
+    ("min-genes 1 for small models", "runtime/genes.py", "    return min(SCIMILARITY_MIN_OVERLAP,",
+     "    return 1 if n_model_genes < SCIMILARITY_GENES else min(SCIMILARITY_MIN_OVERLAP,", ["tests/test_calls.py"]),
+    ("fp32 tolerance 1e-1", "export/validate.py", "FP32_TOLERANCE = 1e-4", "FP32_TOLERANCE = 1e-1", EXPORT_TESTS),
+    ("fp32 always passes", "export/validate.py", 'result["passed"] = variant != "fp32" or (', 'result["passed"] = True or (', EXPORT_TESTS),
+    ("torch compared with itself", "export/validate.py", "o_probs, o_emb = onnx_outputs(path, counts, False, providers)",
+     "o_probs, o_emb = t_probs, t_emb", EXPORT_TESTS),
+    ("int8 warning never printed", "export/cli.py", 'if "warning" in r:', "if False:", EXPORT_TESTS),
+    ("outputs keep mkstemp's 0600", "runtime/atomic.py", "os.chmod(tmp, 0o666 & ~_UMASK)", "pass", ["tests/test_annotate.py::test_input_is_never_modified"]),
+]
+
+
+def run_mutant(name: str, path: str, old: str, new: str, tests: list[str]) -> tuple[bool, float]:
+    file = REPO / path
+    original = file.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"{path}: the snippet for {name!r} occurs {original.count(old)} times; update tests/mutants.py.")
+    started = time.perf_counter()
+    try:
+        file.write_text(original.replace(old, new))
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, capture_output=True, text=True)
+    finally:
+        file.write_text(original)
+    return done.returncode != 0, time.perf_counter() - started
+
+
+def main(argv: list[str]) -> int:
+    wanted = argv[0] if argv else ""
+    survivors = []
+    for name, path, old, new, tests in MUTANTS:
+        if wanted not in name:
+            continue
+        caught, seconds = run_mutant(name, path, old, new, tests)
+        print(f"{'caught  ' if caught else 'SURVIVED'}  {name:<40} {path:<22} {seconds:5.0f} s", flush=True)
+        if not caught:
+            survivors.append(name)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
