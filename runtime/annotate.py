@@ -35,14 +35,20 @@ class FileOptions:
     min_share: float = voting.MIN_SHARE
 
 
+def check_folder_writable(path: str, option: str) -> None:
+    """Refuse an output whose folder is missing or read-only before any work is done."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise SclError(f"{folder}: the folder for {Path(path).name} does not exist; create it or choose another path.", option)
+    if not os.access(folder, os.W_OK):
+        raise SclError(f"{folder}: the folder for {Path(path).name} is not writable; choose another path.", option)
+
+
 def check_output_path(input_path: str, output: str) -> None:
     out = Path(output)
     if out.exists() and os.path.samefile(input_path, out):
         raise SclError(f"{output}: the output would overwrite the input; choose another output.", "output")
-    if not out.parent.is_dir():
-        raise SclError(f"{out.parent}: the output folder does not exist; create it or choose another output.", "output")
-    if not os.access(out.parent, os.W_OK):
-        raise SclError(f"{out.parent}: the output folder is not writable; choose another output.", "output")
+    check_folder_writable(output, "output")
     if not output.endswith((".csv", ".h5ad")):
         raise SclError(f"{output}: the output must end in .csv or .h5ad.", "output")
 

@@ -112,12 +112,19 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, max_novelty, majority_voting, over_clustering, min_share,
          device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
-    from .annotate import FileOptions, annotate_file
+    from .annotate import FileOptions, annotate_file, check_folder_writable, check_output_path
     from .annotator import AnnotateOptions, Annotator
 
     paths = expand_inputs(inputs, shard)
+    if csc_memory_limit <= 0:
+        raise SclError(f"--csc-memory-limit {csc_memory_limit}: give a positive number of GiB.")
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
+    outputs = [output_for(path, output, output_dir, fmt, len(paths) > 1) for path in paths]
+    for path, out in zip(paths, outputs):  # every output place is checked before the first cell is read
+        check_output_path(path, out)
+    if report:
+        check_folder_writable(report, "report")
     annotator = Annotator(model, device, threads)
     annotator.novelty_limits(max_novelty)  # a bad --max-novelty, or auto on a model without limits, fails before any file
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
@@ -125,8 +132,8 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet)
     file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
     reports = []
-    for path in paths:
-        result = annotate_file(path, output_for(path, output, output_dir, fmt, len(paths) > 1), annotator, read, options, file_options)
+    for path, out in zip(paths, outputs):
+        result = annotate_file(path, out, annotator, read, options, file_options)
         reports.append(result)
         if not quiet:
             print_summary(result)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import SclError
 from .genes import GeneAlignment, align_genes, aligned_dense, looks_like_ensembl, to_symbols
-from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile
+from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows
 from .in_memory import MemoryMatrix
 from .normalize import check_kind, check_values, detect_input_kind
 from .text_matrix import TextMatrix, is_text_matrix
@@ -77,6 +77,8 @@ class ExpressionSource:
         if first is None:
             raise SclError(f"{self.path}: the file holds no cells.")
         self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
+        if isinstance(first[1], SparseRows):
+            first[1].check(len(self.gene_symbols), self.path)
         check_values(first[1], self.path)
         self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
@@ -114,6 +116,8 @@ class ExpressionSource:
     def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
         """A raw block checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
         `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
+        if isinstance(raw, SparseRows):
+            raw.check(len(self.gene_symbols), self.path)
         check_values(raw, self.path)
         if self.kind_checked:
             check_kind(raw, self.input_kind, cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows), self.path)

@@ -31,6 +31,16 @@ class SparseRows:
     def n_rows(self) -> int:
         return len(self.indptr) - 1
 
+    def check(self, n_cols: int, where: str) -> None:
+        """Refuse a block whose CSR arrays contradict each other (a corrupt or hand-made file), before any use."""
+        indptr, n = self.indptr, len(self.indices)
+        if len(self.data) != n or indptr[0] != 0 or indptr[-1] != n or (np.diff(indptr) < 0).any():
+            problem = "indptr decreases" if (np.diff(indptr) < 0).any() else f"indptr ends at {indptr[-1]} but the block holds {n} values"
+            raise SclError(f"{where}: the sparse matrix is corrupt ({problem}); write it again with anndata (adata.write_h5ad).")
+        if n and (self.indices.min() < 0 or self.indices.max() >= n_cols):
+            raise SclError(f"{where}: the sparse matrix is corrupt (gene index {int(self.indices.max())} or {int(self.indices.min())} outside 0-{n_cols - 1}); "
+                           "write it again with anndata (adata.write_h5ad).")
+
 
 def csc_to_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> SparseRows:
     """Column-major arrays to row blocks, in memory (about three times the nonzeros)."""
@@ -135,7 +145,7 @@ class Matrix:
             lo, hi = src.indptr[start], src.indptr[stop]
             return SparseRows(src.data[lo:hi], src.indices[lo:hi], src.indptr[start : stop + 1] - lo)
         indptr = self.elem["indptr"][start : stop + 1].astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
+        lo, hi = int(indptr[0]), max(int(indptr[-1]), int(indptr[0]))  # a decreasing indptr is refused by SparseRows.check
         return SparseRows(self.elem["data"][lo:hi], self.elem["indices"][lo:hi], indptr - lo)
 
 

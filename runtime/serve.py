@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from importlib.metadata import version
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 from scipy import sparse
 
@@ -149,14 +152,34 @@ class MicroBatcher:
             start = stop
 
 
+PATH_KEYS = ("path", "base_model", "training_data")  # in /model and its model card: local paths, shown as file names
+
+
+def without_paths(described: dict) -> dict:
+    """/model without the server's file system: paths become file names (the digests identify the files)."""
+    out = dict(described)
+    out["model_card"] = dict(out.get("model_card") or {})
+    for where in (out, out["model_card"]):
+        for key in PATH_KEYS:
+            if isinstance(where.get(key), str):
+                where[key] = os.path.basename(where[key].rstrip("/"))
+    return out
+
+
 def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int = 64 * 1024**2,
-               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True) -> FastAPI:
+               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True, show_paths: bool = False) -> FastAPI:
     app = FastAPI(title="scl annotation service", version=version("scl"), max_body_size=max_body_bytes,
                   description="Cell-type annotation with an scl ONNX model. Raw counts or log1p(CP10k), judged from the values.")
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own reply echoes the input, which fails to serialise when it holds NaN or Infinity (a 500)
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     batcher = MicroBatcher(annotator)
     session, columns, calling = annotator.session, annotator.columns, AnnotateOptions(progress=False)
@@ -200,7 +223,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         try:
             return await asyncio.wait_for(annotate(genes, x, input_kind, top_k, cell_ids), timeout_s)
         except SclError as err:
-            raise HTTPException(422, str(err)) from None
+            raise HTTPException(422, err.message) from None  # the settings it names are the CLI's and Python's, not the request's
         except asyncio.TimeoutError:
             raise HTTPException(504, f"inference took longer than {timeout_s} s; send fewer cells per request") from None
 
@@ -226,6 +249,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     async def model() -> dict:
         import onnxruntime
 
-        return annotator.describe() | {"versions": {"scl": version("scl"), "onnxruntime": onnxruntime.__version__}}
+        described = annotator.describe() | {"versions": {"scl": version("scl"), "onnxruntime": onnxruntime.__version__}}
+        return described if show_paths else without_paths(described)
 
     return app

@@ -13,10 +13,13 @@ from .errors import SclError
 
 \b
   scl-serve --model model.onnx --port 8000
-  curl -s localhost:8000/predict -H 'content-type: application/json' \\
-       -d '{"expression": {"CD19": 3, "MS4A1": 5, "CD79A": 4}, "top_k": 3}'
+  curl -s localhost:8000/predict_batch -H 'content-type: application/json' --data @cells.json
 
-OpenAPI docs at http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host says otherwise."""
+cells.json: {"cells": [{"CD19": 3, "MS4A1": 5, ...every gene detected in the cell...}], "top_k": 3}
+or columnar {"genes": [...], "values": [[...]], "cell_ids": [...]}. OpenAPI docs at
+http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host says otherwise. --timeout counts
+from the parsed request to its answer; uvicorn has no timeout for a client that sends its
+request slowly: put a reverse proxy in front of a server others can reach."""
 )
 @click.option("--model", required=True, envvar="SCL_MODEL", type=click.Path(dir_okay=False), help="The .onnx from scl-export.")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -28,8 +31,13 @@ OpenAPI docs at http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host say
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds one request may run.")
 @click.option("--cors-origin", multiple=True, help="Allow browser calls from this origin (repeat); none by default.")
 @click.option("--no-micro-batching", is_flag=True, help="Run each request alone (concurrent requests are otherwise batched).")
+@click.option("--max-connections", default=64, show_default=True, help="Connections and requests at once; beyond it clients get 503.")
+@click.option("--keep-alive", default=5.0, show_default=True, help="Seconds an idle connection stays open between requests.")
+@click.option("--access-log", is_flag=True, help="Log every request (method, path, status) to stderr.")
+@click.option("--show-paths", is_flag=True, help="GET /model shows the model's and its training data's full paths (default: file names).")
 @reports_input_errors
-def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, cors_origin, no_micro_batching):
+def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, cors_origin, no_micro_batching, max_connections, keep_alive,
+         access_log, show_paths):
     """Serve POST /predict, POST /predict_batch, GET /healthz, /classes, /model."""
     try:
         import uvicorn
@@ -40,5 +48,9 @@ def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, co
     from .annotator import Annotator
 
     annotator = Annotator(model, device, session_threads=threads or 0)  # one run at a time, every core (0: onnxruntime's default)
-    app = create_app(annotator, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching)
-    uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="warning")
+    app = create_app(annotator, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching,
+                     show_paths=show_paths)
+    click.echo(f"scl-serve: {model} ({len(annotator.classes)} classes, {len(annotator.gene_order):,} genes) on {annotator.session.provider}; "
+               f"http://{host}:{port} (docs at /docs); Ctrl-C stops it", err=True)
+    uvicorn.run(app, host=host, port=port, timeout_keep_alive=keep_alive, limit_concurrency=max_connections,
+                log_level="info" if access_log else "warning", access_log=access_log)

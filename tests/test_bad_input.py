@@ -118,3 +118,38 @@ def test_missing_label_column(pbmc_path):
         f.obs_column("celltype")
     assert_one_line(err, "obs has no column 'celltype'", "cell_type")
     f.close()
+
+
+@pytest.mark.parametrize("corrupt, words", [
+    (lambda f: f["X/indices"].__setitem__(5, 10**6), "gene index 1000000"),
+    (lambda f: f["X/indptr"].__setitem__(3, 1), "indptr decreases"),
+    (lambda f: f["X/indptr"].__setitem__(-1, f["X/indptr"][-1] + 50), "indptr ends at"),
+])
+def test_corrupt_csr_is_refused_in_one_line(corrupt, words, pbmc_small, scimilarity_genes, tmp_path):
+    import h5py
+
+    path = write(pbmc_small, tmp_path / "c.h5ad")
+    with h5py.File(path, "r+") as f:
+        corrupt(f)
+    with pytest.raises(SclError) as err:
+        read_all(path, scimilarity_genes)
+    assert_one_line(err, "the sparse matrix is corrupt", words, "write it again")
+
+
+def test_every_block_is_checked_against_the_kind_judged_on_the_first(pbmc_small, scimilarity_genes, tmp_path):
+    """Blocks of 32: the first 64 cells log-normalised, the rest raw counts (or one non-integer cell late in a counts file)."""
+    import scipy.sparse as sp
+
+    counts = pbmc_small.X.tocsr().astype(np.float32)
+    totals = np.asarray(counts.sum(1)).ravel()
+    logged = sp.csr_matrix(np.log1p(counts.multiply(1e4 / totals[:, None]).toarray()))
+    mixed = ad.AnnData(sp.vstack([logged[:64], counts[64:]]).tocsr(), obs=pbmc_small.obs, var=pbmc_small.var)
+    with pytest.raises(SclError) as err:
+        read_all(write(mixed, tmp_path / "mixed.h5ad"), scimilarity_genes, block_size=32)
+    assert_one_line(err, f"cell {pbmc_small.obs_names[64]!r} is not log1p(counts per 1e4)", "mixes kinds", "see input_kind")
+    late = counts.copy()
+    late.data[late.indptr[100]] = 2.5  # cell 100, in the fourth block
+    with pytest.raises(SclError) as err:
+        read_all(write(ad.AnnData(late, obs=pbmc_small.obs, var=pbmc_small.var), tmp_path / "late.h5ad"), scimilarity_genes, block_size=32)
+    assert_one_line(err, f"cell {pbmc_small.obs_names[100]!r} holds non-integer values (2.5)", "first cells are raw counts")
+    read_all(tmp_path / "late.h5ad", scimilarity_genes, block_size=32, input_kind="counts")  # stated by the user: taken as given

@@ -63,3 +63,17 @@ def test_missing_or_inconsistent_files_are_named(broken, words, small_model, tmp
     with pytest.raises(SclError) as err:
         load_model_dir(tmp_path)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_labels_with_commas_and_quotes_round_trip(small_model, tmp_path):
+    import pandas as pd
+
+    labels = ['B "memory", IgD-', "T cell, naive", 'say "hi"']
+    model = SCimilarityModel(small_model.encoder, small_model.decoder, small_model.gene_order, labels)
+    save_model_dir(tmp_path / "m", model)
+    assert load_model_dir(tmp_path / "m").labels == labels
+    # SCimilarity reads it with pandas, as it wrote it
+    assert pd.read_csv(tmp_path / "m" / "label_ints.csv", index_col=0)["0"].tolist() == labels
+    (tmp_path / "m" / "label_ints.csv").write_text(',0\n0,B "memory", IgD-\n1,NK\n')  # hand-written, unquoted
+    with pytest.raises(SclError, match="is not 'int,label'"):
+        load_model_dir(tmp_path / "m")

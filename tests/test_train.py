@@ -113,8 +113,12 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
     one.obs["cell_type"] = one.obs["cell_type"].astype(str)
     one.obs.iloc[0, one.obs.columns.get_loc("cell_type")] = "lonely"
     one.write_h5ad(tmp_path / "lonely.h5ad")
+    single = ad.read_h5ad(small_data / "train.h5ad")
+    single.obs["cell_type"] = "B"
+    single.write_h5ad(tmp_path / "single.h5ad")
     cases = [
         (dict(data=str(tmp_path / "lonely.h5ad")), "class 'lonely' (1) has fewer than 2 cells"),
+        (dict(data=str(tmp_path / "single.h5ad")), "every labelled cell is 'B'; a classifier needs at least two cell types"),
         (dict(label_key="celltype"), "obs has no column 'celltype'"),
         (dict(min_genes=20000), "only 8228 of the model's 28231 genes"),
         (dict(loss="mse"), "--loss 'mse'"),
@@ -127,3 +131,31 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
             finetune(cfg, progress=False)
     code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--label-key", "nope", "--out", tmp_path / "y")
     assert code == 1 and stderr.strip().startswith("Error:") and len(stderr.strip().splitlines()) == 1
+
+
+def test_missing_label_spellings_are_left_out_and_counted(small_data, scimilarity_genes, tmp_path, caplog):
+    from scl.train.data import load_labelled
+
+    cells = ad.read_h5ad(small_data / "train.h5ad")
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    labels[:3], labels[3], labels[4] = "nan", "", "N/A"  # what astype(str), spreadsheets and exports make of missing labels
+    cells.obs["cell_type"] = labels
+    cells.write_h5ad(tmp_path / "gaps.h5ad")
+    with caplog.at_level("WARNING", logger="scl"):
+        loaded = load_labelled(str(tmp_path / "gaps.h5ad"), scimilarity_genes, "cell_type")
+    assert len(loaded) == cells.n_obs - 5 and "nan" not in set(loaded.labels) and "" not in set(loaded.labels)
+    assert list(loaded.cell_ids) == list(cells.obs_names[5:])
+    assert "5 of 210 cells have no label" in caplog.text
+
+
+def test_validation_without_a_class_warns_and_scores_the_classes_it_holds(base_dir, small_data, tmp_path, caplog):
+    val = ad.read_h5ad(small_data / "val.h5ad")
+    val[val.obs["cell_type"] != "NK"].copy().write_h5ad(tmp_path / "val_no_nk.h5ad")
+    cfg = FinetuneConfig(base_model=str(base_dir), data=str(small_data / "train.h5ad"), val_data=str(tmp_path / "val_no_nk.h5ad"),
+                         out=str(tmp_path / "run"), epochs=1)
+    with caplog.at_level("WARNING", logger="scl"):
+        metrics = finetune(cfg, progress=False)
+    assert "the validation cells include no 'NK'" in caplog.text
+    lora = metrics["methods"]["lora"]
+    per_class = [v["f1"] for c, v in lora["per_class"].items() if c != "NK"]
+    assert lora["macro_f1"] == pytest.approx(np.mean(per_class), abs=1e-9)  # over the 6 classes present, not 7

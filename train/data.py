@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,9 @@ import torch
 from scl.runtime.errors import SclError
 from scl.runtime.expression import ExpressionSource, ReadOptions, open_matrix
 from scl.runtime.genes import to_symbols
+
+log = logging.getLogger("scl")
+MISSING_LABELS = {"", "nan", "none", "na", "n/a", "<na>", "null"}  # what astype(str) and spreadsheets make of a missing label
 
 
 @dataclass
@@ -34,12 +38,19 @@ def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None
             if not hasattr(src.matrix, "obs_column"):
                 raise SclError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
             file_labels = src.matrix.obs_column(label_key)
-            if any(label is None or label != label for label in file_labels):
-                raise SclError(f"{path}: obs[{label_key!r}] has cells without a label; drop them (adata[adata.obs[{label_key!r}].notna()]) and save again.")
-            labels.append(file_labels.astype(str))
+            missing = np.array([label is None or label != label or str(label).strip().lower() in MISSING_LABELS for label in file_labels])
+            if missing.all():
+                raise SclError(f"{path}: obs[{label_key!r}] has no labels (every value is missing); choose the column with the cell types.")
+            if missing.any():
+                log.warning(f"{path}: {int(missing.sum()):,} of {len(missing):,} cells have no label in obs[{label_key!r}] "
+                            f"(missing, or spelled like {sorted({str(v) for v in file_labels[missing]})[:3]}); they are left out")
+            labels.append(file_labels[~missing].astype(str))
+            start = 0
             for block_ids, x in src.blocks():
-                parts.append(sp.csr_matrix(x))
-                ids.append(block_ids)
+                keep = ~missing[start : start + len(block_ids)]
+                parts.append(sp.csr_matrix(x[keep]))
+                ids.append(block_ids[keep])
+                start += len(block_ids)
             reading.append(src.describe())
     return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading)
 
@@ -57,6 +68,8 @@ def gene_union(paths, options: ReadOptions | None = None) -> list[str]:
 
 def refuse_tiny_classes(labels: np.ndarray, where: str, minimum: int = 2) -> None:
     names, counts = np.unique(labels, return_counts=True)
+    if len(names) < 2:
+        raise SclError(f"{where}: every labelled cell is {str(names[0])!r}; a classifier needs at least two cell types (is the label column right?).")
     small = [f"{str(n)!r} ({c})" for n, c in zip(names, counts) if c < minimum]
     if small:
         raise SclError(

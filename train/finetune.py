@@ -27,7 +27,7 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled, refuse_tiny_classes
+from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled, log, refuse_tiny_classes
 from .device import autocast, resolve_device
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -200,6 +200,10 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
     unknown = sorted(set(val.labels) - set(classes))
     if unknown:
         raise SclError(f"{config.val_data}: validation labels {unknown} never occur in the training data; drop those cells or add training cells.")
+    absent = sorted(set(classes) - set(val.labels))
+    if absent:
+        log.warning(f"warning: the validation cells include no {', '.join(repr(str(c)) for c in absent)}: macro-F1 (which picks the best epoch) "
+                    f"is over the {len(classes) - len(absent)} classes they hold; add validation cells of every class to judge all of them")
     index = {c: i for i, c in enumerate(classes)}
     return train, val, classes, np.array([index[c] for c in train.labels]), np.array([index[c] for c in val.labels])
 

@@ -12,6 +12,7 @@ What save_model_dir writes loads in scimilarity.CellEmbedding(model_path=...).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,17 @@ def save_model_dir(path, model: SCimilarityModel) -> Path:
     shapes = {k: list(v.shape) for k, v in model.encoder.state_dict().items()}
     _write_text(path / "layer_sizes.json", json.dumps(shapes, indent=1) + "\n")
     _write_text(path / "gene_order.tsv", "".join(f"{g}\n" for g in model.gene_order))
-    rows = [",0"] + [f"{i},{_csv_field(label)}" for i, label in enumerate(model.labels)]
-    _write_text(path / "label_ints.csv", "\n".join(rows) + "\n")
+    _write_text(path / "label_ints.csv", _labels_csv(model.labels))
     return path
 
 
-def _csv_field(value: str) -> str:
-    return f'"{value}"' if any(c in value for c in ',"\n') else value
+def _labels_csv(labels: list[str]) -> str:
+    """SCimilarity's label_ints.csv (pandas' to_csv of an int -> label series): header ',0', then 'int,label' rows."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["", "0"])
+    writer.writerows([i, label] for i, label in enumerate(labels))
+    return text.getvalue()
 
 
 def _load_state(path: Path) -> dict:
@@ -95,7 +100,11 @@ def _read_labels(path: Path) -> list[str]:
         rows = list(csv.reader(fh))
     if not rows or rows[0][-1:] != ["0"]:
         raise SclError(f"{path}: expected a header ',0' and rows 'int,label' as SCimilarity writes them.")
-    return [row[1] for row in sorted(rows[1:], key=lambda r: int(r[0])) if len(row) == 2]
+    body = [row for row in rows[1:] if row]
+    bad = next((row for row in body if len(row) != 2 or not row[0].lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise SclError(f"{path}: the row {','.join(bad)!r} is not 'int,label' (a label with a comma or quote must be quoted as csv does); write the file again.")
+    return [row[1] for row in sorted(body, key=lambda r: int(r[0]))]
 
 
 def load_model_dir(path) -> SCimilarityModel:
