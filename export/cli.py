@@ -95,11 +95,13 @@ writes model.onnx, model.int8.onnx and model.fp16.onnx, each with <file>.validat
 @reports_input_errors
 def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""
-    import onnx
-
-    from scl.train.run_dir import load_run
-
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401  (validation runs every exported file)
+    except ImportError as err:
+        raise SclError(f"scl-export needs {err.name}: pip install 'scl[train,cpu]' (or [train,gpu]).") from None
     from scl.runtime.atomic import atomic_path
+    from scl.train.run_dir import load_run
 
     from . import onnx_file
     from .graph import AnnotationModel
@@ -108,6 +110,8 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     out = Path(out)
     if not out.parent.is_dir():
         raise SclError(f"{out.parent}: no such directory for --out; create it first.")
+    if not os.access(out.parent, os.W_OK):  # before minutes of export work, not after
+        raise SclError(f"{out.parent}: the folder for --out is not writable; choose another.")
     run = load_run(run_dir)
     module = AnnotationModel(run.model.encoder, run.head).eval()
     values = metadata_values(run, Path(run_dir))

@@ -7,7 +7,9 @@ automatic over-clustering, its embedding) before it can write its columns; those
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,23 +55,71 @@ def check_output_path(input_path: str, output: str) -> None:
         raise SclError(f"{output}: the output must end in .csv or .h5ad.", "output")
 
 
+SLACK = 2**20  # metadata, the report and chunk rounding at the end of an output
+
+
+def bytes_per_cell(annotator: Annotator, output: str, probabilities: bool) -> int:
+    """What each cell adds to the output, generously."""
+    classes, latent = len(annotator.classes), annotator.session.centroids.shape[1]
+    if output.endswith(".csv"):
+        return 120 + (10 * classes if probabilities else 0)
+    return int(4 * (latent + (classes if probabilities else 0) + 12) * 1.3)
+
+
+def space_needed(input_path: str, n_cells: int | None, annotator: Annotator, output: str, probabilities: bool) -> int:
+    """Bytes the output will take: an .h5ad output copies an .h5ad input, then adds the results."""
+    copied = 0 if output.endswith(".csv") or is_text_matrix(input_path) else os.path.getsize(input_path)
+    return copied + (n_cells or 0) * bytes_per_cell(annotator, output, probabilities) + SLACK
+
+
+def check_space_left(folder: Path, cells_left: int, per_cell: int) -> None:
+    """Stop before the disk fills, not after: libhdf5, once a write has failed for want of space, crashed the
+    process when the file was closed (rc 139), so the disk is checked before each block is written."""
+    needed = cells_left * per_cell + SLACK
+    if shutil.disk_usage(folder).free < needed:
+        raise disk_full(folder, needed)
+
+
+def disk_full(folder: Path, needed: int) -> SclError:
+    free = shutil.disk_usage(folder).free
+    return SclError(f"{folder}: the disk is full ({free / 1e6:,.1f} MB free; this output needs about {needed / 1e6:,.1f} MB); "
+                    "free some space or write the output elsewhere.", "output")
+
+
 def annotate_file(input_path: str, output: str, annotator: Annotator, read: ReadOptions, options: AnnotateOptions,
                   file_options: FileOptions | None = None) -> dict:
     file_options = file_options or FileOptions()
     check_output_path(input_path, output)
     started = time.perf_counter()
+    with annotator.open(input_path, read=read) as source:
+        needed = space_needed(input_path, source.n_cells, annotator, output, file_options.probabilities)
+        if shutil.disk_usage(Path(output).parent).free < needed:
+            raise disk_full(Path(output).parent, needed)
+        try:
+            with atomic_path(output, suffix=Path(output).suffix) as tmp:
+                return write_annotations(source, tmp, input_path, output, annotator, options, file_options, started)
+        except OSError as err:  # the disk filled while writing (another writer took the space)
+            if err.errno == errno.ENOSPC or "No space left" in str(err):
+                raise disk_full(Path(output).parent, needed) from None
+            raise
+
+
+def write_annotations(source, tmp: str, input_path: str, output: str, annotator: Annotator, options: AnnotateOptions,
+                      file_options: FileOptions, started: float) -> dict:
     classes, columns = annotator.classes, annotator.columns
-    with annotator.open(input_path, read=read) as source, atomic_path(output, suffix=Path(output).suffix) as tmp:
-        clusters = voting.given_clusters(file_options.over_clustering, None, source)
-        voting_wanted = file_options.majority_voting or clusters is not None
-        if output.endswith(".h5ad"):
-            latent = annotator.session.centroids.shape[1]
-            writer = H5adOutput(tmp, None if is_text_matrix(input_path) else input_path, classes, columns, latent, file_options.probabilities)
-        else:
-            writer = CsvOutput(tmp, classes, columns, file_options.probabilities)
+    clusters = voting.given_clusters(file_options.over_clustering, None, source)
+    voting_wanted = file_options.majority_voting or clusters is not None
+    if output.endswith(".h5ad"):
+        latent = annotator.session.centroids.shape[1]
+        writer = H5adOutput(tmp, None if is_text_matrix(input_path) else input_path, classes, columns, latent, file_options.probabilities)
+    else:
+        writer = CsvOutput(tmp, classes, columns, file_options.probabilities)
+    try:
         kept, tally = BlockCollector(source.n_cells), RunTally()
         bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
+        per_cell, folder = bytes_per_cell(annotator, output, file_options.probabilities), Path(output).parent
         for block in annotator.stream(source, options):
+            check_space_left(folder, (source.n_cells or tally.cells + len(block.cell_ids)) - tally.cells, per_cell)
             writer.write(block.cell_ids, block.calls, block.embedding, block.probabilities)
             tally.add(block, classes)
             if voting_wanted:
@@ -87,4 +137,7 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
             extra["majority_voting"] = voting.summary(votes, file_options.over_clustering, file_options.min_share)
         report = annotator.report(source, options, tally, time.perf_counter() - started, **extra)
         writer.close(report)
+    except BaseException:
+        writer.abort()
+        raise
     return report

@@ -7,7 +7,9 @@ uns['scl'] (the run's report as JSON). From a text input it is a new .h5ad with 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
 import os
 import shutil
@@ -58,6 +60,10 @@ class CsvOutput:
 
     def close(self, report: dict) -> None:
         self.fh.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
 
 
 def _attrs(elem, kind: str, version: str = "0.2.0", **extra) -> None:
@@ -165,3 +171,11 @@ class H5adOutput:
             ds = group.create_dataset(key, data=value, dtype=STR)
             _attrs(ds, "string")
         self.file.close()
+
+    def abort(self) -> None:
+        """Close a file that failed part-way, whatever state it is in (the caller removes it). Its datasets are dropped
+        first: left to the garbage collector after a failed write (disk full), libhdf5 crashed the process (rc 139)."""
+        self.datasets, self.embedding, self.probabilities, self.obs = {}, None, None, None
+        gc.collect()
+        with contextlib.suppress(Exception):
+            self.file.close()

@@ -197,3 +197,48 @@ def test_novelty_equals_an_independent_computation_and_scl_trains_count(exported
     assert list(out.obs["scl_novel"]) == list(distance > limits[label])
     recorded = json.loads((run_dir / "metrics.json").read_text())["novelty"]["training_share_beyond"]
     assert round(out.obs["scl_novel"].mean(), 4) == recorded
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3.9 MB tmpfs: room for a copy of the PBMC file (3.8 MB) but not for its annotations."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3900k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(exported, pbmc_path, tiny_disk, tmp_path):
+    (tiny_disk / "out.csv").write_text("an earlier output\n")
+    for output in ("out.h5ad", "out.csv"):
+        if output == "out.csv":  # a CSV of these cells takes ~0.5 MB: leave less than that
+            (tiny_disk / "filler").write_bytes(b"0" * (shutil.disk_usage(tiny_disk).free - 200_000))
+        code, _, stderr = run("scl-annotate", pbmc_path, "--model", exported, "--output", tiny_disk / output, "--probabilities", "--quiet")
+        assert code == 1 and stderr.startswith("Error:") and "the disk is full" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "out.csv"] and (tiny_disk / "out.csv").read_text() == "an earlier output\n"
+
+
+def test_the_disk_filling_during_the_run_stops_before_the_writer_fails(exported, small_data, tmp_path, monkeypatch):
+    """Another program takes the space mid-run: free space is checked before every block (patched here)."""
+    import shutil as sh
+
+    from click.testing import CliRunner
+
+    from scl.runtime.annotate_cli import main
+
+    real, calls = sh.disk_usage, []
+
+    def shrinking(path):
+        calls.append(path)
+        usage = real(path)
+        return usage._replace(free=usage.free if len(calls) < 3 else 1000)  # the check before the run passes, then the disk fills
+
+    monkeypatch.setattr("scl.runtime.annotate.shutil.disk_usage", shrinking)
+    result = CliRunner().invoke(main, [str(small_data / "val.h5ad"), "--model", str(exported), "--output", str(tmp_path / "o.h5ad"),
+                                       "--batch-size", "16", "--threads", "1", "--quiet"])
+    assert result.exit_code == 1 and "the disk is full (0.0 MB free" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []

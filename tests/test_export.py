@@ -58,10 +58,27 @@ def test_graph_inputs_outputs_and_dynamic_batch(exported, run_dir):
 
 
 def test_export_errors(run_dir, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import BIN
+
     code, _, stderr = run("scl-export", tmp_path, "--out", tmp_path / "m.onnx")
     assert code == 1 and "metrics.json missing" in stderr
     code, _, stderr = run("scl-export", run_dir, "--out", tmp_path / "no" / "m.onnx")
     assert code == 1 and "no such directory" in stderr
+    broken = tmp_path / "broken_run"
+    shutil.copytree(run_dir, broken)
+    (broken / "head.pt").write_bytes(b"not a checkpoint")
+    code, _, stderr = run("scl-export", broken, "--out", tmp_path / "m.onnx")
+    assert code == 1 and "head.pt: not the head scl-train writes" in stderr and len(stderr.strip().splitlines()) == 1
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "onnxruntime.py").write_text("raise ImportError('blocked', name='onnxruntime')\n")
+    done = subprocess.run([BIN / "scl-export", run_dir, "--out", tmp_path / "m.onnx"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "block")})
+    assert done.returncode == 1 and "scl-export needs onnxruntime: pip install 'scl[train,cpu]'" in done.stderr, done.stderr
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_fp16_variant_keeps_float32_io_and_is_validated_or_says_why(exported):

@@ -59,10 +59,17 @@ def load_run(path) -> TrainedRun:
         if not (path / name).is_file():
             raise SclError(f"{path}: {name} missing; give the RUN_DIR of a finished scl-train run.")
     model = load_model_dir(path / "model")
-    state = torch.load(path / "head.pt", map_location="cpu", weights_only=True)
-    classes = json.loads((path / "classes.json").read_text())
-    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+    try:
+        state = torch.load(path / "head.pt", map_location="cpu", weights_only=True)
+        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        state["centroids"]
+    except Exception as err:  # torch raises many kinds for a file that is not its checkpoint
+        raise SclError(f"{path / 'head.pt'}: not the head scl-train writes ({type(err).__name__}); train again or copy the run again.") from None
+    try:
+        classes = json.loads((path / "classes.json").read_text())
+    except ValueError:
+        raise SclError(f"{path / 'classes.json'}: not valid JSON; train again or copy the run again.") from None
     if len(classes) != head.out_features or head.in_features != model.latent_dim:
         raise SclError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
     limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
