@@ -1,21 +1,62 @@
-"""Write outputs to a temporary file beside the target, then rename: a reader never sees half a file."""
+"""Write outputs to a temporary file beside the target, then rename: a reader never sees half a file.
+
+A run stopped by Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP) removes its temporary file on the way out
+(the commands turn those signals into SystemExit: see cli_errors.py). A run killed with SIGKILL cannot; its temporary
+file is named `.<target>.scl-tmp-<host>-<pid>-<random>`, and the next write to the same target removes those whose
+process is gone (on this host: a shared file system may hold live ones of other machines).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+MARK = ".scl-tmp-"
+log = logging.getLogger("scl")
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[str]:
+    """Remove this host's temporary files for `path` whose process no longer runs; returns their names."""
+    removed = []
+    prefix = f".{path.name}{MARK}{_host()}-"
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), glob.escape(prefix) + "*")):
+        pid = Path(stale).name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+                removed.append(stale)
+    if removed:
+        log.warning(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed)}")
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yields a temporary path in the target's folder; renamed onto `path` only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{MARK}{_host()}-{os.getpid()}-", suffix=suffix)
     os.close(fd)
     try:
         yield tmp

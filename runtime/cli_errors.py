@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
+import threading
 
 import click
 
@@ -19,12 +21,23 @@ def reports_input_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         _log_to_stderr()
+        _exit_cleanly_on_signals()
         try:
             return command(*args, **kwargs)
         except SclError as err:
             raise click.ClickException(err.with_options(flag)) from None
 
     return wrapper
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary files are removed on the way out (atomic.py)
+
+
+def _exit_cleanly_on_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
 
 
 def _log_to_stderr() -> None:

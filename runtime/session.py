@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import integrity
 from . import model_metadata as meta
 from .errors import ModelError, SclError
 from .genes import GeneIndex
@@ -38,13 +39,26 @@ class AnnotationSession:
         self.notes: list[str] = []
         self.session = self._open(device, threads)
         self.provider = self.session.get_providers()[0]
-        self.meta = meta.decode(self.session.get_modelmeta().custom_metadata_map, path)
+        self.meta = self._metadata()
         self.gene_order = GeneIndex(self.meta["gene_order"])  # aligned against for every file and request
         self.classes: list[str] = self.meta["classes"]
         self.centroids = np.asarray(self.meta["centroids"], dtype=np.float32)
         self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
         limits = self.meta.get("novelty_limits")  # None in models exported before scl stored them
         self.novelty_limits = np.asarray(limits["values"], dtype=np.float32) if limits else None
+
+    def _metadata(self) -> dict:
+        """The model's metadata, checked against the graph and, where it carries one, against its content digest."""
+        props = self.session.get_modelmeta().custom_metadata_map
+        width = {o.name: o.shape[-1] for o in self.session.get_outputs()} | {i.name: i.shape[-1] for i in self.session.get_inputs()}
+        static = {k: v if isinstance(v, int) else None for k, v in width.items()}
+        values = meta.decode(props, self.path, genes=static.get(meta.INPUT_COUNTS), classes=static.get(meta.OUTPUTS[0]), latent=static.get(meta.OUTPUTS[1]))
+        if integrity.KEY not in values:
+            self.notes.append(f"{os.path.basename(self.path)} was exported before scl stored a content digest: its weights and metadata are not verified.")
+        elif integrity.file_content_digest(self.path, meta.parse(props, self.path)) != values[integrity.KEY]:
+            raise ModelError(f"{self.path}: the model's weights or metadata differ from what scl-export wrote (content digest mismatch: "
+                             "changed or damaged after export); export it again from its run.")
+        return values
 
     def _open(self, device: str, threads: int | None):
         ort = _onnxruntime()

@@ -156,7 +156,7 @@ def test_max_novelty_errors_and_models_without_limits(exported, small_data, tmp_
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--max-novelty", "far")
     assert code != 0 and "max_novelty 'far'" in stderr and "(see --max-novelty)" in stderr and "Traceback" not in stderr
     older = onnx.load(str(exported))  # a model exported before scl stored novelty limits
-    kept = [p for p in older.metadata_props if p.key != "scl.novelty_limits"]
+    kept = [p for p in older.metadata_props if p.key not in ("scl.novelty_limits", "scl.content_sha256")]
     del older.metadata_props[:]
     older.metadata_props.extend(kept)
     onnx.save(older, str(tmp_path / "older.onnx"))
@@ -242,3 +242,97 @@ def test_the_disk_filling_during_the_run_stops_before_the_writer_fails(exported,
                                        "--batch-size", "16", "--threads", "1", "--quiet"])
     assert result.exit_code == 1 and "the disk is full (0.0 MB free" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def big_input(pbmc_path, tmp_path):
+    big = ad.read_h5ad(pbmc_path)
+    big = ad.concat([big] * 4)
+    big.obs_names_make_unique()
+    big.write_h5ad(tmp_path / "big.h5ad")
+    return tmp_path / "big.h5ad"
+
+
+def run_until_its_temporary_file_appears(args, folder):
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    process = subprocess.Popen([str(BIN / "scl-annotate"), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not [p for p in os.listdir(folder) if ".scl-tmp-" in p] and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_killed_run_removes_its_temporary_file(sig, exported, pbmc_path, tmp_path):
+    import signal
+
+    source = big_input(pbmc_path, tmp_path)
+    (tmp_path / "out").mkdir()
+    process = run_until_its_temporary_file_appears([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
+                                                    "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out")
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(getattr(signal, sig))
+    process.wait(timeout=60)
+    assert process.returncode == 128 + getattr(signal, sig) and "Traceback" not in process.stderr.read()
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_next_run_removes_what_a_sigkilled_run_left(exported, pbmc_path, small_data, tmp_path):
+    import signal
+
+    source = big_input(pbmc_path, tmp_path)
+    (tmp_path / "out").mkdir()
+    process = run_until_its_temporary_file_appears([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
+                                                    "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    left = os.listdir(tmp_path / "out")
+    assert len(left) == 1 and left[0].startswith(".o.h5ad.scl-tmp-")
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "out" / "o.h5ad", "--quiet")
+    assert code == 0 and "removed 1 temporary file(s) left by a killed run" in stderr
+    assert os.listdir(tmp_path / "out") == ["o.h5ad"]
+
+
+def tampered(exported, tmp_path, kind: str):
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exported))
+    props = {p.key: p for p in model.metadata_props}
+    if kind == "negated weights":
+        t = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+    elif kind == "swapped classes":
+        c = json.loads(props["scl.classes"].value)
+        props["scl.classes"].value = json.dumps([c[1], c[0], *c[2:]])
+    elif kind == "reversed gene order":
+        props["scl.gene_order"].value = json.dumps(json.loads(props["scl.gene_order"].value)[::-1])
+    elif kind == "one class short":
+        props["scl.classes"].value = json.dumps(json.loads(props["scl.classes"].value)[:-1])
+    elif kind == "gene order off by one":
+        props["scl.gene_order"].value = json.dumps(json.loads(props["scl.gene_order"].value)[1:])
+    elif kind == "invalid JSON":
+        props["scl.centroids"].value = "[[0.1, 0.2"
+    elif kind == "wrong type":
+        props["scl.classes"].value = json.dumps("B")
+    path = tmp_path / f"{kind.replace(' ', '_')}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("negated weights", "content digest mismatch"),
+    ("swapped classes", "content digest mismatch"),
+    ("reversed gene order", "content digest mismatch"),
+    ("one class short", "scl.classes lists 6 classes but the graph outputs 7"),
+    ("gene order off by one", "scl.gene_order lists 28230 genes but the graph reads 28231"),
+    ("invalid JSON", "scl.centroids is not valid JSON"),
+    ("wrong type", "scl.classes is not a list of names"),
+])
+def test_a_tampered_model_is_refused_in_one_line(kind, words, exported, small_data, tmp_path):
+    model = tampered(exported, tmp_path, kind)
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", model, "--output", tmp_path / "o.csv", "--quiet")
+    assert code == 1 and words in stderr and str(model) in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "o.csv").exists()
