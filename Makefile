@@ -21,7 +21,7 @@ test-fast:
 	$(BIN)/python -m pytest -q tests/test_readers.py tests/test_bad_input.py tests/test_calls.py tests/test_model_dir.py
 
 demo:
-	$(BIN)/scl-demo --out demo_out
+	$(BIN)/scl-demo --out demo_out --overwrite
 
 benchmark:
 	$(BIN)/python benchmarks/run.py

@@ -4,7 +4,9 @@
     python benchmarks/serve_load.py --smoke    # 20 requests per level, for the tests
 
 Each request is POST /predict with one cell of ~2,500 detected genes. Traffic goes to 127.0.0.1 only; the number of
-requests is fixed, so the test stops by itself. Writes benchmarks/results/<machine>-serve.json and .md.
+requests is fixed, so the test stops by itself. Then one hostile request: a /predict_batch of 2,000 cells with 200
+distinct random gene names each (400,000 names the model does not know), with the server's peak RSS before and after
+and /healthz timed while it runs. Writes benchmarks/results/<machine>-serve.json and .md.
 """
 
 from __future__ import annotations
@@ -61,6 +63,31 @@ def load(base: str, payloads: list[dict], clients: int) -> dict:
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1), "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1)}
 
 
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def unknown_genes_request(base: str, pid: int, cells: int, rng) -> dict:
+    """One request naming `cells` x 200 genes the model does not know; the server's peak RSS and /healthz meanwhile."""
+    payload = {"cells": [{f"FAKE{rng.integers(1 << 40)}": 1.0 for _ in range(200)} | {"CD3E": 2.0} for _ in range(cells)]}
+    before = peak_rss_mb(pid)
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        pending = pool.submit(client.post, f"{base}/predict_batch", json=payload)
+        health = []
+        while not pending.done():
+            t = time.perf_counter()
+            client.get(f"{base}/healthz")
+            health.append(time.perf_counter() - t)
+            time.sleep(0.05)
+        status = pending.result().status_code
+        seconds = time.perf_counter() - started
+    return {"cells": cells, "distinct_genes": cells * 200 + 1, "status": status, "seconds": round(seconds, 2),
+            "peak_rss_mb_before": round(before, 1), "peak_rss_mb_after": round(peak_rss_mb(pid), 1),
+            "healthz_max_ms": round(max(health, default=0) * 1000, 1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
@@ -92,6 +119,8 @@ def main(argv=None) -> dict:
                 base = f"http://127.0.0.1:{port}"
                 wait_ready(base, server)
                 results["levels"] += [load(base, payloads, clients) | {"micro_batching": batching} for clients in (1, 16)]
+                if batching:
+                    results["unknown_genes"] = unknown_genes_request(base, server.pid, 200 if args.smoke else 2000, rng)
             finally:
                 server.terminate()
                 server.wait(timeout=10)
@@ -102,6 +131,10 @@ def main(argv=None) -> dict:
     lines = [f"scl-serve on {results['machine']}, {results['model']}, one cell (~2,500 genes) per POST /predict; "
              f"{results['date']}; `{results['command']}`.", "", "| micro-batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
     lines += [f"| {'on' if r['micro_batching'] else 'off'} | {r['clients']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} |" for r in results["levels"]]
+    u = results["unknown_genes"]
+    lines += ["", f"One request of {u['cells']:,} cells naming {u['distinct_genes']:,} distinct genes the model does not know: HTTP {u['status']} "
+              f"in {u['seconds']} s; server peak RSS {u['peak_rss_mb_before']:,.0f} -> {u['peak_rss_mb_after']:,.0f} MB; "
+              f"/healthz at most {u['healthz_max_ms']} ms meanwhile."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return results
 

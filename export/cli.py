@@ -81,10 +81,11 @@ def fp32_failure(result: dict, run) -> str:
     epilog="""Example:
 
 \b
-  scl-export run --out model.onnx --quantize int8 --fp16
+  scl-export my_run --out my_model.onnx --quantize int8 --fp16
 
-writes model.onnx, model.int8.onnx and model.fp16.onnx, each with <file>.validation.json beside it
-(largest difference to torch, label agreement). Annotate with: scl-annotate cells.h5ad --model model.onnx"""
+writes my_model.onnx, my_model.int8.onnx and my_model.fp16.onnx, each with <file>.validation.json
+beside it (largest difference to torch, label agreement); nothing is replaced unless it passes.
+Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onnx"""
 )
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The fp32 .onnx file to write.")

@@ -71,14 +71,15 @@ def print_summary(report: dict) -> None:
     epilog="""Examples:
 
 \b
-  scl-annotate pbmc.h5ad --model model.onnx                 # writes pbmc.scl.h5ad beside it
-  scl-annotate cells.csv.gz --model model.int8.onnx --output calls.csv --probabilities
+  scl-annotate demo_out/data/pbmc_heldout.h5ad --model demo_out/model.onnx   # -> pbmc_heldout.scl.h5ad
+  scl-annotate train/demo_data/unlabelled_100cells.csv.gz --model demo_out/model.int8.onnx \\
+      --output calls.csv --probabilities
   scl-annotate 'data/*.h5ad' --model model.onnx --output-dir out --shard 3/16 --report run.json
-  scl-annotate pbmc.h5ad --model model.onnx --over-clustering leiden   # majority voting per Leiden cluster
+  scl-annotate cells.h5ad --model demo_out/model.onnx --over-clustering leiden   # vote per Leiden cluster
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
-scl_novelty (cosine distance to the label's training centroid), scl_novel (beyond its label's
-novelty limit), with voting scl_cluster, scl_majority_label, scl_majority_share; obsm['X_scl']
+scl_novelty (cosine distance to the label's training centroid), scl_genes_detected,
+scl_novel (beyond its label's novelty limit), with voting scl_cluster, scl_majority_label, scl_majority_share; obsm['X_scl']
 (embedding) and uns['scl']; or a CSV with one row per cell. Inputs are never modified.
 Cells of types the model never saw still get a known label, often with high confidence, but lie
 far from its centroid: the summary counts them, and --max-novelty auto labels them unassigned."""
@@ -90,6 +91,8 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--format", "fmt", type=click.Choice(["h5ad", "csv"]), help="Output format with --output-dir; default h5ad for .h5ad inputs, csv otherwise.")
 @click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
+@click.option("--min-cell-genes", type=int, help="Cells expressing fewer of the model's genes are labelled 'unassigned' "
+              "(default: 200 of 28,231, the same share of smaller models; column genes_detected).")
 @click.option("--max-novelty", help="Label cells farther from their label's training centroid 'unassigned': auto (the model's per-class "
               "limits, set by scl-train from its training and held-out cells) or a cosine distance (0-2). Default: count them only.")
 @click.option("--majority-voting", is_flag=True, help="Give each cluster its most frequent label (scl_majority_label); clusters from "
@@ -109,7 +112,7 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
-def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, max_novelty, majority_voting, over_clustering, min_share,
+def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, majority_voting, over_clustering, min_share,
          device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
     from .annotate import FileOptions, annotate_file, check_folder_writable, check_output_path
@@ -129,7 +132,7 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     annotator.novelty_limits(max_novelty)  # a bad --max-novelty, or auto on a model without limits, fails before any file
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet)
+    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes)
     file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
     reports = []
     for path, out in zip(paths, outputs):

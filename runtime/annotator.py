@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
-from .calls import COLUMNS, Calls, call_cells, label_names, present
+from .calls import COLUMNS, Calls, call_cells, default_min_cell_genes, label_names, present
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
 from .in_memory import is_anndata, memory_matrix
@@ -42,6 +42,7 @@ class AnnotateOptions:
     min_confidence: float = 0.0  # cells below are 'unassigned'
     max_novelty: str | float | None = None  # "auto": the model's per-class limits; a number: one limit for all; None: count only
     progress: bool = True
+    min_cell_genes: int | None = None  # cells expressing fewer of the model's genes are 'unassigned'; None: calls.default_min_cell_genes
 
 
 @dataclass
@@ -156,9 +157,10 @@ class Annotator:
     def predict(self, rows: np.ndarray) -> Prediction:
         return self.session.predict(rows, is_lognorm=True)  # normalised by prepare(), not densely in the graph
 
-    def call(self, pred: Prediction, options: AnnotateOptions) -> Calls:
+    def call(self, pred: Prediction, options: AnnotateOptions, genes_detected: np.ndarray | None = None) -> Calls:
         limits, unassign_novel = self.novelty_limits(options.max_novelty)
-        return call_cells(pred, self.session.centroids, options.min_confidence, limits, unassign_novel)
+        min_genes = default_min_cell_genes(len(self.session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
+        return call_cells(pred, self.session.centroids, options.min_confidence, limits, unassign_novel, genes_detected, min_genes)
 
     def stream(self, source: ExpressionSource, options: AnnotateOptions | None = None):
         """AnnotatedBlock per block of `source`, in order, with at most threads + 1 blocks in memory.
@@ -177,7 +179,7 @@ class Annotator:
             if not hasattr(local, "buffer"):
                 local.buffer = source.block_buffer()
             pred = self.predict(self.prepare(source, raw, local.buffer, ids))
-            return AnnotatedBlock(ids, self.call(pred, options), pred.embedding, pred.probabilities)
+            return AnnotatedBlock(ids, self.call(pred, options, source.genes_detected(raw)), pred.embedding, pred.probabilities)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             pending = deque()
@@ -197,12 +199,13 @@ class Annotator:
             limits = f"{float(options.max_novelty):g} for every class" if options.max_novelty not in (None, "auto") else "per class, from the model"
             novelty = {"limits": limits, "novel_cells": tally.novel, "unassigned_if_novel": options.max_novelty is not None}
         return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
-                "min_confidence": options.min_confidence, "novelty": novelty, "seconds": round(seconds, 3),
+                "min_confidence": options.min_confidence, "novelty": novelty,
+                "min_cell_genes": default_min_cell_genes(len(self.session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes, "seconds": round(seconds, 3),
                 "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
 
     def annotate(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None,
                  gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
-                 min_confidence: float = 0.0, max_novelty: str | float | None = None,
+                 min_confidence: float = 0.0, max_novelty: str | float | None = None, min_cell_genes: int | None = None,
                  majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
                  batch_size: int = 256, progress: bool = True) -> AnnotationResult:
         """Annotate cells in memory (or an .h5ad/CSV path) and return the calls, embedding and probabilities.
@@ -225,6 +228,9 @@ class Annotator:
             Fewest model genes the input must have; default SCimilarity's 5,000 of 28,231, scaled to the model.
         min_confidence
             Cells below this probability are labelled 'unassigned'.
+        min_cell_genes
+            Cells expressing fewer of the model's genes are labelled 'unassigned' (default 200 of 28,231, the same share
+            of smaller gene orders: see the `genes_detected` column).
         max_novelty
             "auto" labels cells beyond their label's novelty limit 'unassigned'; a number is one cosine-distance
             limit for every class; None counts novel cells only.
@@ -246,7 +252,7 @@ class Annotator:
         >>> result.embedding.shape
         (2800, 128)
         """
-        options = AnnotateOptions(min_confidence, max_novelty, progress)
+        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, block_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:

@@ -123,6 +123,14 @@ class ExpressionSource:
             check_kind(raw, self.input_kind, cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows), self.path)
         return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
 
+    def genes_detected(self, raw) -> np.ndarray:
+        """Per cell of a raw block, how many of the model's genes it expresses (nonzero)."""
+        used = self.alignment.model_index >= 0
+        if isinstance(raw, np.ndarray):
+            return np.count_nonzero(raw[:, used], axis=1).astype(np.int32)
+        hit = used[raw.indices] & (raw.data != 0)
+        return np.bincount(np.repeat(np.arange(raw.n_rows), np.diff(raw.indptr)), weights=hit, minlength=raw.n_rows).astype(np.int32)
+
     def block_buffer(self) -> np.ndarray:
         """Room for one dense block, for dense(buffer=...)."""
         return np.empty(self.options.block_size * self.alignment.n_model_genes, np.float32)

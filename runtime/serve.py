@@ -3,9 +3,10 @@
 A request becomes a block of cells (sparse for gene maps, so a request costs what it holds, not cells x every gene
 named), then goes through exactly the steps a file does: values checked, input kind judged (or taken as stated),
 genes aligned, counts normalised on their nonzeros (annotator.py). Inference runs in a worker thread on one shared
-onnxruntime session, the normalised rows of concurrent requests micro-batched into one run. One difference from
-files: a request's gene map lists only the genes detected in that cell, so the minimum-genes rule for files (how
-many of the model's genes the file's columns cover) does not apply; any cell with one known gene is annotated.
+onnxruntime session, the normalised rows of concurrent requests micro-batched into one run. Cells expressing fewer of
+the model's genes than min_cell_genes are 'unassigned', in requests as in files (`genes_detected` says how many). A
+gene map lists only the genes detected in its cell, so the files' rule on how many of the model's genes the input's
+columns cover does not apply to requests.
 """
 
 from __future__ import annotations
@@ -184,20 +185,20 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     batcher = MicroBatcher(annotator)
     session, columns, calling = annotator.session, annotator.columns, AnnotateOptions(progress=False)
 
-    def prepare(genes: list[str], x, input_kind: str, cell_ids) -> tuple[np.ndarray, ExpressionSource, np.ndarray]:
-        """The request as the model's input rows, through the same checks and steps as a file's block."""
+    def prepare(genes: list[str], x, input_kind: str, cell_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The request as the model's input rows, through the same checks and steps as a file's block; with each
+        cell's count of the model's genes it expresses, and of the genes it was sent with."""
         ids = cell_ids or [str(i) for i in range(x.shape[0])]
         read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=max(x.shape[0], 1))
         with ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read) as source:
             (block_ids, raw), = source.raw_blocks()
             rows = annotator.prepare(source, raw, cell_ids=block_ids)
-        nonzero = x if sparse.issparse(x) else sparse.csr_matrix(x)
-        sent = np.diff(nonzero.indptr)
-        matched = np.bincount(np.repeat(np.arange(len(sent)), sent), weights=source.alignment.model_index[nonzero.indices] >= 0, minlength=len(sent))
-        return rows, source, np.stack([matched.astype(np.int64), sent], axis=1)
+            detected = source.genes_detected(raw)
+        sent = np.diff(x.indptr) if sparse.issparse(x) else np.count_nonzero(x, axis=1)
+        return rows, detected, sent
 
-    def describe(pred: Prediction, genes_counts: np.ndarray, top_k: int, cell_ids) -> list[dict]:
-        calls = annotator.call(pred, calling)
+    def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, top_k: int, cell_ids) -> list[dict]:
+        calls = annotator.call(pred, calling, detected)
         k = min(top_k, len(session.classes))
         order = np.argsort(-pred.probabilities, axis=1)[:, :k]
         results = []
@@ -205,17 +206,17 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
             cell = {"cell_id": cell_ids[i] if cell_ids else None}
             cell |= {c.name: json_value(c, calls[c.name][i], session.classes) for c in columns}
             cell["top"] = [{"label": session.classes[j], "probability": float(pred.probabilities[i, j])} for j in order[i]]
-            cell["genes_matched"], cell["genes_sent"] = int(genes_counts[i, 0]), int(genes_counts[i, 1])
+            cell["genes_sent"] = int(sent[i])
             results.append(cell)
         return results
 
     async def annotate(genes, x, input_kind, top_k, cell_ids):
-        rows, _, genes_counts = await run_in_threadpool(prepare, genes, x, input_kind, cell_ids)
+        rows, detected, sent = await run_in_threadpool(prepare, genes, x, input_kind, cell_ids)
         if micro_batching:
             pred = await batcher.predict(rows)
         else:
             pred = await run_in_threadpool(annotator.predict, rows)
-        return describe(pred, genes_counts, top_k, cell_ids)
+        return describe(pred, detected, sent, top_k, cell_ids)
 
     async def run(genes, x, input_kind, top_k, cell_ids=None) -> list[dict]:
         if x.shape[0] > max_cells:

@@ -52,3 +52,12 @@ def test_min_genes_threshold_is_inclusive_and_scales_with_the_model():
     align_genes(model[:10], model, min_overlap=10)
     with pytest.raises(GeneOverlapError, match="only 9 of"):
         align_genes(model[:9], model, min_overlap=10)
+
+
+def test_cells_expressing_too_few_of_the_models_genes_are_unassigned():
+    from scl.runtime.calls import default_min_cell_genes
+
+    probs = np.array([[0.9, 0.05, 0.05]] * 3, dtype=np.float32)
+    calls = call_cells(Prediction(probs, CENTROIDS[[0, 0, 0]]), CENTROIDS, genes_detected=np.array([199, 200, 5000]), min_cell_genes=200)
+    assert list(calls["label"]) == [-1, 0, 0] and list(calls["genes_detected"]) == [199, 200, 5000]
+    assert default_min_cell_genes(28231) == 200 and default_min_cell_genes(2000) == 15

@@ -1,6 +1,7 @@
 """The demo's fast variant and the benchmark suite's smoke run, so neither can rot."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_fast_demo_runs_the_whole_pipeline(tmp_path):
-    code, stdout, stderr = run("scl-demo", "--out", tmp_path / "demo", "--fast")
-    assert code == 0, stderr
     out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_summary.json").write_text("{}")  # an earlier demo
+    code, _, stderr = run("scl-demo", "--out", out, "--fast")
+    assert code == 1 and "holds an earlier demo; add --overwrite" in stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("not a demo")
+    code, _, stderr = run("scl-demo", "--out", tmp_path / "mine", "--fast", "--overwrite")
+    assert code == 1 and "not a demo's" in stderr and (tmp_path / "mine" / "thesis.tex").exists()
+    code, stdout, stderr = run("scl-demo", "--out", out, "--fast", "--overwrite")
+    assert code == 0, stderr
     for name in ("base_model/encoder.ckpt", "run/report.md", "run/confusion_lora.png", "model.onnx", "model.int8.onnx.validation.json"):
         assert (out / name).is_file(), name
     annotated = ad.read_h5ad(out / "pbmc_heldout.scl.h5ad")
@@ -25,6 +34,13 @@ def test_fast_demo_runs_the_whole_pipeline(tmp_path):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["methods"]) == {"base+linear", "base+knn", "lora"}
     assert "done in" in stdout
+    # every demo file the README and the --help examples name exists once the demo has run
+    texts = [(REPO / "README.md").read_text()] + [run(c, "--help")[1] for c in ("scl-pretrain", "scl-train", "scl-export", "scl-annotate")]
+    named = {m for text in texts for m in re.findall(r"(?:demo_out|train/demo_data)/[\w./-]+\.(?:h5ad|onnx|tsv|csv\.gz)", text)}
+    assert len(named) >= 6
+    for name in named:
+        where = out / name.removeprefix("demo_out/") if name.startswith("demo_out/") else REPO / name
+        assert where.is_file(), name
 
 
 def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
@@ -59,6 +75,8 @@ def test_serve_load_smoke_run(tmp_path, scimilarity_genes):
     assert [(level["micro_batching"], level["clients"]) for level in result["levels"]] == [(True, 1), (True, 16), (False, 1), (False, 16)]
     # every request answered 200 (load() raises otherwise) and was timed
     assert all(level["requests"] == 20 and level["requests_per_second"] > 0 and level["p50_ms"] > 0 for level in result["levels"])
+    hostile = result["unknown_genes"]
+    assert hostile["status"] == 200 and hostile["distinct_genes"] == 40_001 and hostile["peak_rss_mb_after"] >= hostile["peak_rss_mb_before"] > 0
 
 
 def test_api_scale_smoke_run(tmp_path, scimilarity_genes):

@@ -49,7 +49,7 @@ def test_labels_equal_scl_annotate(client, cells_and_labels):
     expression = {g: float(v) for g, v in zip(adata.var_names, row) if v}
     single = client.post("/predict", json={"expression": expression, "top_k": 3}).json()
     assert single["label"] == calls["label"][0] and len(single["top"]) == 3
-    assert single["top"][0]["label"] == single["label"] and single["genes_matched"] <= single["genes_sent"] == len(expression)
+    assert single["top"][0]["label"] == single["label"] and 0 < single["genes_detected"] <= single["genes_sent"] == len(expression)
     maps = client.post("/predict_batch", json={"cells": [expression]}).json()["cells"]
     assert maps[0]["label"] == single["label"]
 
@@ -118,3 +118,16 @@ def test_cells_of_an_unknown_type_are_flagged_novel(client, small_data):
     brain = ad.read_h5ad(small_data / "brain.h5ad")
     cells = client.post("/predict_batch", json=columnar(brain, 10)).json()["cells"]
     assert sum(c["novel"] for c in cells) >= 9  # scl-train measured all of these brain cells beyond the PBMC limits
+
+
+def test_a_cell_with_a_few_genes_is_unassigned_as_in_files_and_odd_values_are_refused(client):
+    few = client.post("/predict", json={"expression": {"CD19": 3, "MS4A1": 5, "CD79A": 4}}).json()
+    assert few["label"] == "unassigned" and few["genes_detected"] == 3  # below 200 of the model's 28,231 genes
+    nan = client.post("/predict", content=b'{"expression": {"CD3E": NaN, "CD4": 1}}', headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and "finite" in nan.text
+    inf = client.post("/predict_batch", content=b'{"genes": ["CD3E"], "values": [[Infinity]]}', headers={"content-type": "application/json"})
+    assert inf.status_code == 422 and "finite" in inf.text
+    half = client.post("/predict", json={"expression": {"CD3E": 3.5, "CD4": 1}})
+    assert half.status_code == 422 and "neither integer counts nor log1p" in half.text and "(see" not in half.text
+    model = client.get("/model").json()
+    assert "/" not in model["path"] and "/" not in model["model_card"]["training_data"] and len(model["weights_sha256"]) == 64

@@ -159,3 +159,17 @@ def test_validation_without_a_class_warns_and_scores_the_classes_it_holds(base_d
     lora = metrics["methods"]["lora"]
     per_class = [v["f1"] for c, v in lora["per_class"].items() if c != "NK"]
     assert lora["macro_f1"] == pytest.approx(np.mean(per_class), abs=1e-9)  # over the 6 classes present, not 7
+
+
+def test_confusion_matrices_say_what_they_show(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import scl.train.report as report
+
+    titles = []
+    monkeypatch.setattr(report, "plot_confusion", lambda cm, classes, title, path: titles.append(title))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    shutil.copytree(run_dir, tmp_path / "run")
+    report.write_report(tmp_path / "run", metrics)
+    lora = metrics["methods"]["lora"]["macro_f1"]
+    assert f"lora: val.h5ad, 70 cells, macro-F1 {lora:.3f}" in titles and len(titles) == 3

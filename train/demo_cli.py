@@ -7,6 +7,7 @@ populations -> report -> export fp32 and int8 -> annotate the held-out PBMC cell
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -40,13 +41,14 @@ def step(title: str) -> None:
 
 \b
   scl-demo --out demo_out            # full size, a few minutes on a 2-core CPU
-  scl-demo --out demo_fast --fast    # small network and few epochs, about a minute (what CI runs)"""
+  scl-demo --out demo_fast --fast    # small network and few epochs, about 20 s (what the tests run)"""
 )
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False), help="Folder for everything the demo writes.")
 @click.option("--fast", is_flag=True, help="Small network (256, 128 -> 32) and 2 epochs: checks the pipeline, not the model.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out (only a folder that holds one).")
 @reports_input_errors
-def main(out, fast, seed):
+def main(out, fast, seed, overwrite):
     """Run pretrain -> fine-tune -> report -> export -> annotate on bundled real cells."""
     from scl.export.cli import main as export_main
     from scl.runtime.annotate import annotate_file
@@ -60,8 +62,13 @@ def main(out, fast, seed):
 
     started = time.perf_counter()
     out = Path(out)
-    if (out / "run" / "metrics.json").exists():
-        raise click.ClickException(f"{out} holds an earlier demo; choose another --out or delete it.")
+    if out.exists() and any(out.iterdir()):
+        earlier = (out / "demo_summary.json").exists() or (out / "run").is_dir() or (out / "base_model").is_dir()
+        if not earlier:
+            raise click.ClickException(f"{out} holds files that are not a demo's; choose another --out.")
+        if not overwrite:
+            raise click.ClickException(f"{out} holds an earlier demo; add --overwrite to replace it, or choose another --out.")
+        shutil.rmtree(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     step("1/5 data: 840 FACS-sorted PBMCs (7 populations), 144 brain cells (9 types), 100 unlabelled cells")
     train, heldout = split_pbmc(out / "data", seed)

@@ -13,11 +13,11 @@ from .config import LOSSES, FinetuneConfig
     epilog="""Example (fine-tune on the 7 sorted PBMC populations; forgetting measured on brain cells):
 
 \b
-  scl-train --base-model base_model --data pbmc_train.h5ad --label-key cell_type \\
-      --val-data pbmc_val.h5ad --forgetting-data brain.h5ad --out run
+  scl-train --base-model my_base --data demo_out/data/pbmc_train.h5ad --label-key cell_type \\
+      --val-data demo_out/data/pbmc_heldout.h5ad --forgetting-data train/demo_data/brain_demo.h5ad --out my_run
 
 RUN_DIR then holds model/ (merged encoder, SCimilarity format), adapter/ (peft), head.pt,
-classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export run --out model.onnx"""
+classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export my_run --out my_model.onnx"""
 )
 @click.option("--base-model", required=True, type=click.Path(exists=True, file_okay=False), help="SCimilarity model directory (official v1.1 or from scl-pretrain).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled training .h5ad.")

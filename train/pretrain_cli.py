@@ -14,11 +14,13 @@ def _ints(text: str) -> list[int]:
 
 
 @click.command(
-    epilog="""Example (the base the demo and tests use: brain plus PBMC cells in SCimilarity's 28,231-gene order):
+    epilog="""Example (the demo's base: brain plus PBMC cells in SCimilarity's 28,231-gene order; run from the
+checkout after `make demo`; --triplet-weight 0.5 because a thousand cells are few, see the README):
 
 \b
-  scl-pretrain --data pbmc.h5ad --data brain.h5ad --label-key cell_type \\
-      --gene-order scimilarity_gene_order.tsv --out base_model --epochs 10
+  scl-pretrain --data demo_out/data/pbmc_train.h5ad --data train/demo_data/brain_demo.h5ad \\
+      --label-key cell_type --gene-order train/demo_data/scimilarity_gene_order.tsv \\
+      --triplet-weight 0.5 --epochs 15 --out my_base
 
 The directory it writes (encoder.ckpt, decoder.ckpt, layer_sizes.json, gene_order.tsv,
 label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model."""

@@ -70,9 +70,12 @@ def write_report(run: Path, metrics: dict) -> None:
               _table(["cells", "share beyond"], rows), "", _table(["class", "limit"], [[c, v] for c, v in novelty["limits"].items()])]
     parts += ["\n## Training history\n", _table(list(metrics["history"][0]), [list(r.values()) for r in metrics["history"]])]
     parts.append("\n## Confusion matrices\n")
+    cfg = metrics["config"]
+    judged_on = Path(cfg.get("val_data") or cfg["data"]).name + ("" if cfg.get("val_data") else " (held-out split)")
     for name, m in methods.items():
         slug = name.replace("+", "_")
-        plot_confusion(m["confusion_matrix"], classes, name, run / f"confusion_{slug}.png")
+        title = f"{name}: {judged_on}, {metrics['cells']['validation']} cells, macro-F1 {m['macro_f1']:.3f}"
+        plot_confusion(m["confusion_matrix"], classes, title, run / f"confusion_{slug}.png")
         with open(run / f"confused_pairs_{slug}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, ["true", "predicted", "cells"])
             writer.writeheader()
