@@ -29,6 +29,7 @@ from .annotator import AnnotateOptions, Annotator
 from .calls import json_value
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
+from .genes import ENSEMBL_ID
 from .in_memory import MemoryMatrix
 from .session import Prediction
 
@@ -81,27 +82,30 @@ class Batch(BaseModel):
         return self
 
 
-def _gene_maps_to_rows(cells: list[dict[str, float]]) -> tuple[list[str], sparse.csr_matrix]:
-    """Gene maps as CSR rows over the genes they name: memory grows with what was sent, not cells x genes."""
+BLOCK = 256  # cells per model run within a request: a 10,000-cell request never becomes one 1.1 GB dense block
+
+
+def _gene_maps_to_rows(cells: list[dict[str, float]], known) -> tuple[list[str], sparse.csr_matrix, np.ndarray]:
+    """Gene maps as CSR rows over the genes they name that `known` accepts, and each cell's count of nonzero genes
+    sent: memory grows with the model's genes in the request, not with every name a client invents."""
     column: dict[str, int] = {}
-    indices, data, indptr = [], [], [0]
+    indices, data, indptr, sent = [], [], [0], []
     for cell in cells:
         for gene, value in cell.items():
-            if value:
+            if value and known(gene):
                 indices.append(column.setdefault(gene, len(column)))
                 data.append(value)
         indptr.append(len(data))
-    for cell in cells:  # a gene sent only with zeros still counts as a column of the request
-        for gene in cell:
-            column.setdefault(gene, len(column))
+        sent.append(sum(1 for v in cell.values() if v))
     rows = sparse.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)), shape=(len(cells), len(column)))
-    return list(column), rows
+    return list(column), rows, np.asarray(sent)
 
 
-def _matrix(batch: Batch):
+def _matrix(batch: Batch, known):
     if batch.genes is not None:
-        return batch.genes, np.asarray(batch.values, dtype=np.float32).reshape(len(batch.values), len(batch.genes))
-    return _gene_maps_to_rows(batch.cells)
+        x = np.asarray(batch.values, dtype=np.float32).reshape(len(batch.values), len(batch.genes))
+        return batch.genes, x, np.count_nonzero(x, axis=1)
+    return _gene_maps_to_rows(batch.cells, known)
 
 
 class MicroBatcher:
@@ -185,17 +189,22 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     batcher = MicroBatcher(annotator)
     session, columns, calling = annotator.session, annotator.columns, AnnotateOptions(progress=False)
 
-    def prepare(genes: list[str], x, input_kind: str, cell_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The request as the model's input rows, through the same checks and steps as a file's block; with each
-        cell's count of the model's genes it expresses, and of the genes it was sent with."""
+    def known(gene: str) -> bool:
+        """A name that can reach a model gene: a symbol (exact or ignoring case) or an Ensembl ID (mapped later)."""
+        return gene in session.gene_order.exact or gene.upper() in session.gene_order.folded or bool(ENSEMBL_ID.match(gene))
+
+    def open_request(genes: list[str], x, input_kind: str, cell_ids) -> ExpressionSource:
+        """The request as a source of blocks, through the same checks and steps as a file."""
         ids = cell_ids or [str(i) for i in range(x.shape[0])]
-        read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=max(x.shape[0], 1))
-        with ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read) as source:
-            (block_ids, raw), = source.raw_blocks()
-            rows = annotator.prepare(source, raw, cell_ids=block_ids)
-            detected = source.genes_detected(raw)
-        sent = np.diff(x.indptr) if sparse.issparse(x) else np.count_nonzero(x, axis=1)
-        return rows, detected, sent
+        read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=BLOCK)
+        return ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read)
+
+    def prepare(source: ExpressionSource, block) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The next block's ids, the model's input rows and each cell's count of the model's genes it expresses."""
+        if block is None:
+            return None
+        ids, raw = block
+        return ids, annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
 
     def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, top_k: int, cell_ids) -> list[dict]:
         calls = annotator.call(pred, calling, detected)
@@ -210,19 +219,22 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
             results.append(cell)
         return results
 
-    async def annotate(genes, x, input_kind, top_k, cell_ids):
-        rows, detected, sent = await run_in_threadpool(prepare, genes, x, input_kind, cell_ids)
-        if micro_batching:
-            pred = await batcher.predict(rows)
-        else:
-            pred = await run_in_threadpool(annotator.predict, rows)
-        return describe(pred, detected, sent, top_k, cell_ids)
+    async def annotate(genes, x, sent, input_kind, top_k, cell_ids):
+        source = await run_in_threadpool(open_request, genes, x, input_kind, cell_ids)
+        blocks, results = source.raw_blocks(), []
+        while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
+            _, rows, detected = block
+            pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
+            start = len(results)
+            results += describe(pred, detected, sent[start:start + len(rows)], top_k, cell_ids[start:start + len(rows)] if cell_ids else None)
+        source.close()
+        return results
 
-    async def run(genes, x, input_kind, top_k, cell_ids=None) -> list[dict]:
+    async def run(genes, x, sent, input_kind, top_k, cell_ids=None) -> list[dict]:
         if x.shape[0] > max_cells:
             raise HTTPException(413, f"{x.shape[0]} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
         try:
-            return await asyncio.wait_for(annotate(genes, x, input_kind, top_k, cell_ids), timeout_s)
+            return await asyncio.wait_for(annotate(genes, x, sent, input_kind, top_k, cell_ids), timeout_s)
         except SclError as err:
             raise HTTPException(422, err.message) from None  # the settings it names are the CLI's and Python's, not the request's
         except asyncio.TimeoutError:
@@ -230,13 +242,13 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
 
     @app.post("/predict", summary="Annotate one cell")
     async def predict(cell: Cell) -> dict:
-        genes, x = _gene_maps_to_rows([cell.expression])
-        return (await run(genes, x, cell.input_kind, cell.top_k))[0]
+        genes, x, sent = _gene_maps_to_rows([cell.expression], known)
+        return (await run(genes, x, sent, cell.input_kind, cell.top_k))[0]
 
     @app.post("/predict_batch", summary="Annotate many cells (gene maps or columnar)")
     async def predict_batch(batch: Batch) -> dict:
-        genes, x = _matrix(batch)
-        return {"cells": await run(genes, x, batch.input_kind, batch.top_k, batch.cell_ids)}
+        genes, x, sent = _matrix(batch, known)
+        return {"cells": await run(genes, x, sent, batch.input_kind, batch.top_k, batch.cell_ids)}
 
     @app.get("/healthz")
     async def healthz() -> dict:

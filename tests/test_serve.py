@@ -131,3 +131,33 @@ def test_a_cell_with_a_few_genes_is_unassigned_as_in_files_and_odd_values_are_re
     assert half.status_code == 422 and "neither integer counts nor log1p" in half.text and "(see" not in half.text
     model = client.get("/model").json()
     assert "/" not in model["path"] and "/" not in model["model_card"]["training_data"] and len(model["weights_sha256"]) == 64
+
+
+def test_idle_connections_beyond_the_limit_get_503_and_the_server_says_where_it_is(exported):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port), "--max-connections", "2"],
+                              stderr=subprocess.PIPE, text=True)
+    idle = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        for _ in range(2):  # slow clients: connected, a partial request line, nothing more
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+            idle.append(conn)
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 503
+    finally:
+        for conn in idle:
+            conn.close()
+        server.terminate()
+        server.wait(timeout=10)
+    first = server.stderr.readline()
+    assert f"http://127.0.0.1:{port}" in first and "7 classes" in first and "CPUExecutionProvider" in first
