@@ -92,20 +92,26 @@ def test_bad_batches_and_limits(client):
     assert broken.status_code == 422
 
 
-def test_real_uvicorn_process_on_loopback(exported, cells_and_labels):
-    adata, calls = cells_and_labels
+def start_server(exported, *flags) -> tuple[subprocess.Popen, int]:
+    """A real scl-serve on a free loopback port, answering /healthz."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return server, port
+
+
+def test_real_uvicorn_process_on_loopback(exported, cells_and_labels):
+    adata, calls = cells_and_labels
+    server, port = start_server(exported)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         response = httpx.post(f"{base}/predict_batch", json=columnar(adata, 70), timeout=30)
         assert response.status_code == 200
         assert [c["label"] for c in response.json()["cells"]] == list(calls["label"])
@@ -134,20 +140,10 @@ def test_a_cell_with_a_few_genes_is_unassigned_as_in_files_and_odd_values_are_re
 
 
 def test_idle_connections_beyond_the_limit_get_503_and_the_server_says_where_it_is(exported):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port), "--max-connections", "2"],
-                              stderr=subprocess.PIPE, text=True)
+    server, port = start_server(exported, "--max-connections", "2")
     idle = []
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         for _ in range(2):  # slow clients: connected, a partial request line, nothing more
             conn = socket.create_connection(("127.0.0.1", port))
             conn.sendall(b"GET /healthz HTTP/1.1\r\n")
