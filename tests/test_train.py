@@ -173,3 +173,28 @@ def test_confusion_matrices_say_what_they_show(run_dir, tmp_path, monkeypatch):
     report.write_report(tmp_path / "run", metrics)
     lora = metrics["methods"]["lora"]["macro_f1"]
     assert f"lora: val.h5ad, 70 cells, macro-F1 {lora:.3f}" in titles and len(titles) == 3
+
+
+TWICE = """
+import sys, torch
+from scl.train.config import PretrainConfig
+from scl.train.demo_cli import demo_file
+from scl.train.pretrain import pretrain
+weights = []
+for name in ("a", "b"):
+    model, _ = pretrain(PretrainConfig(data=[demo_file("pbmc_demo.h5ad"), demo_file("brain_demo.h5ad")], out=sys.argv[1] + name,
+                                       gene_order=demo_file("scimilarity_gene_order.tsv"), hidden_dim=[64, 32], latent_dim=16,
+                                       epochs=2, triplet_weight=0.5, seed=0), progress=False)
+    weights.append(torch.cat([p.detach().flatten() for p in model.encoder.parameters()]))
+print(torch.equal(*weights), float((weights[0] - weights[1]).abs().max()))
+"""
+
+
+def test_pretraining_twice_with_one_seed_gives_the_same_weights_bit_for_bit(tmp_path):
+    """The demo's data on 2 threads: without deterministic kernels the weights differed (by ~1e-6) from run to run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TWICE, str(tmp_path / "base_")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "True", done.stdout

@@ -28,7 +28,7 @@ from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled, log, refuse_tiny_classes
-from .device import autocast, resolve_device
+from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
@@ -132,7 +132,7 @@ class FullFinetuneClassifier(LoraClassifier):
 
 def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool,
                classifier=LoraClassifier):
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = classifier(base, probe, config, device)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from scl.runtime.expression import ReadOptions
 
 from .config import PretrainConfig
 from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes
-from .device import autocast, resolve_device
+from .device import autocast, resolve_device, seed_everything
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
 from .nn import Decoder, Encoder
@@ -28,7 +28,7 @@ NARROW_EMBEDDING_STD = 0.01
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, dict]:
     """Train, write the model directory and its pretrain.json; returns the model and what pretrain.json holds."""
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     device = resolve_device(config.device)
     options = ReadOptions(min_genes=config.min_genes)
     genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
