@@ -1,6 +1,6 @@
 """A bounded load test of scl-serve on loopback: requests/s and latency at 1 and 16 concurrent clients.
 
-    python benchmarks/serve_load.py            # real-size random model, 400 requests per level (a few minutes)
+    python benchmarks/serve_load.py            # real-size random model, 400 requests per level (about a minute)
     python benchmarks/serve_load.py --smoke    # 20 requests per level, for the tests
 
 Each request is POST /predict with one cell of ~2,500 detected genes. Traffic goes to 127.0.0.1 only; the number of
