@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SclError
-from .genes import GeneAlignment, align_genes, aligned_dense, looks_like_ensembl, to_symbols
+from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, looks_like_ensembl, to_symbols
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows
 from .in_memory import MemoryMatrix
 from .normalize import check_kind, check_values, detect_input_kind
@@ -128,8 +128,7 @@ class ExpressionSource:
         used = self.alignment.model_index >= 0
         if isinstance(raw, np.ndarray):
             return np.count_nonzero(raw[:, used], axis=1).astype(np.int32)
-        hit = used[raw.indices] & (raw.data != 0)
-        return np.bincount(np.repeat(np.arange(raw.n_rows), np.diff(raw.indptr)), weights=hit, minlength=raw.n_rows).astype(np.int32)
+        return _row_sums(used[raw.indices] & (raw.data != 0), raw.indptr).astype(np.int32)
 
     def block_buffer(self) -> np.ndarray:
         """Room for one dense block, for dense(buffer=...)."""

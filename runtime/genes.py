@@ -115,6 +115,14 @@ class GeneIndex:
     def __len__(self) -> int:
         return len(self.genes)
 
+    def find(self, gene: str) -> tuple[int | None, bool]:
+        """(position of `gene` in the model's order or None, whether it matched only ignoring case)."""
+        target = self.exact.get(gene)
+        if target is not None:
+            return target, False
+        target = self.folded.get(gene.upper())
+        return target, target is not None
+
 
 def align_genes(
     input_genes,
@@ -124,15 +132,12 @@ def align_genes(
     source: str = "input",
 ) -> GeneAlignment:
     index = model_genes if isinstance(model_genes, GeneIndex) else GeneIndex(model_genes)
-    exact, folded = index.exact, index.folded
     model_index = np.full(len(input_genes), -1, dtype=np.int64)
     ignoring_case = duplicates = 0
     taken = set()
     for col, gene in enumerate(map(str, input_genes)):
-        target = exact.get(gene)
-        if target is None:
-            target = folded.get(gene.upper())
-            ignoring_case += target is not None
+        target, by_case = index.find(gene)
+        ignoring_case += by_case
         if target is None:
             continue
         if target in taken:

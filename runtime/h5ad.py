@@ -31,15 +31,28 @@ class SparseRows:
     def n_rows(self) -> int:
         return len(self.indptr) - 1
 
+    @classmethod
+    def of(cls, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, start: int, stop: int) -> SparseRows:
+        """Rows start:stop of a CSR matrix's three arrays, as views."""
+        lo, hi = indptr[start], indptr[stop]
+        return cls(data[lo:hi], indices[lo:hi], indptr[start : stop + 1] - lo)
+
     def check(self, n_cols: int, where: str) -> None:
         """Refuse a block whose CSR arrays contradict each other (a corrupt or hand-made file), before any use."""
         indptr, n = self.indptr, len(self.indices)
-        if len(self.data) != n or indptr[0] != 0 or indptr[-1] != n or (np.diff(indptr) < 0).any():
-            problem = "indptr decreases" if (np.diff(indptr) < 0).any() else f"indptr ends at {indptr[-1]} but the block holds {n} values"
+        decreasing = (np.diff(indptr) < 0).any()
+        if len(self.data) != n or indptr[0] != 0 or indptr[-1] != n or decreasing:
+            problem = "indptr decreases" if decreasing else f"indptr ends at {indptr[-1]} but the block holds {n} values"
             raise SclError(f"{where}: the sparse matrix is corrupt ({problem}); write it again with anndata (adata.write_h5ad).")
         if n and (self.indices.min() < 0 or self.indices.max() >= n_cols):
             raise SclError(f"{where}: the sparse matrix is corrupt (gene index {int(self.indices.max())} or {int(self.indices.min())} outside 0-{n_cols - 1}); "
                            "write it again with anndata (adata.write_h5ad).")
+
+
+def row_ranges(n_rows: int, size: int):
+    """(start, stop) of each block of `size` rows."""
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
 
 
 def csc_to_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> SparseRows:
@@ -142,8 +155,7 @@ class Matrix:
             return self.elem[start:stop]
         if self._csr_in_memory is not None:
             src = self._csr_in_memory
-            lo, hi = src.indptr[start], src.indptr[stop]
-            return SparseRows(src.data[lo:hi], src.indices[lo:hi], src.indptr[start : stop + 1] - lo)
+            return SparseRows.of(src.data, src.indices, src.indptr, start, stop)
         indptr = self.elem["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), max(int(indptr[-1]), int(indptr[0]))  # a decreasing indptr is refused by SparseRows.check
         return SparseRows(self.elem["data"][lo:hi], self.elem["indices"][lo:hi], indptr - lo)
@@ -191,8 +203,7 @@ class H5adFile:
 
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""
-        for start in range(0, len(self.cell_ids), size):
-            stop = min(start + size, len(self.cell_ids))
+        for start, stop in row_ranges(len(self.cell_ids), size):
             yield self.cell_ids[start:stop], self.matrix.rows(start, stop)
 
     def obs_column(self, key: str) -> np.ndarray:

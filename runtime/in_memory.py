@@ -12,7 +12,7 @@ import numpy as np
 from scipy import sparse
 
 from .errors import SclError
-from .h5ad import SparseRows
+from .h5ad import SparseRows, row_ranges
 
 
 def _type_name(obj) -> str:
@@ -59,16 +59,10 @@ class MemoryMatrix:
 
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: SparseRows views for sparse data, arrays for dense."""
-        for start in range(0, self.n_cells, size):
-            stop = min(start + size, self.n_cells)
-            yield self.cell_ids[start:stop], self._rows(start, stop)
-
-    def _rows(self, start: int, stop: int):
         x = self.x
-        if isinstance(x, np.ndarray):
-            return x[start:stop]
-        lo, hi = x.indptr[start], x.indptr[stop]
-        return SparseRows(x.data[lo:hi], x.indices[lo:hi], x.indptr[start : stop + 1] - lo)
+        for start, stop in row_ranges(self.n_cells, size):
+            rows = x[start:stop] if isinstance(x, np.ndarray) else SparseRows.of(x.data, x.indices, x.indptr, start, stop)
+            yield self.cell_ids[start:stop], rows
 
     def close(self) -> None:
         pass

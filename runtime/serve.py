@@ -191,7 +191,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
 
     def known(gene: str) -> bool:
         """A name that can reach a model gene: a symbol (exact or ignoring case) or an Ensembl ID (mapped later)."""
-        return gene in session.gene_order.exact or gene.upper() in session.gene_order.folded or bool(ENSEMBL_ID.match(gene))
+        return session.gene_order.find(gene)[0] is not None or bool(ENSEMBL_ID.match(gene))
 
     def open_request(genes: list[str], x, input_kind: str, cell_ids) -> ExpressionSource:
         """The request as a source of blocks, through the same checks and steps as a file."""
@@ -199,12 +199,12 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=BLOCK)
         return ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read)
 
-    def prepare(source: ExpressionSource, block) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The next block's ids, the model's input rows and each cell's count of the model's genes it expresses."""
+    def prepare(source: ExpressionSource, block) -> tuple[np.ndarray, np.ndarray] | None:
+        """A block's model input rows and each cell's count of the model's genes it expresses; None past the last."""
         if block is None:
             return None
         ids, raw = block
-        return ids, annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
+        return annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
 
     def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, top_k: int, cell_ids) -> list[dict]:
         calls = annotator.call(pred, calling, detected)
@@ -223,7 +223,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         source = await run_in_threadpool(open_request, genes, x, input_kind, cell_ids)
         blocks, results = source.raw_blocks(), []
         while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
-            _, rows, detected = block
+            rows, detected = block
             pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
             start = len(results)
             results += describe(pred, detected, sent[start:start + len(rows)], top_k, cell_ids[start:start + len(rows)] if cell_ids else None)

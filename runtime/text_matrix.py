@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .errors import SclError
-from .h5ad import SparseRows, csc_to_csr
+from .h5ad import SparseRows, csc_to_csr, row_ranges
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 
@@ -114,10 +114,8 @@ class TextMatrix:
     def blocks(self, size: int):
         """(cell ids, values) per block of `size` cells."""
         if self.genes_as_rows:
-            for start in range(0, len(self.cell_ids), size):
-                stop = min(start + size, len(self.cell_ids))
-                lo, hi = self._csr.indptr[start], self._csr.indptr[stop]
-                yield self.cell_ids[start:stop], SparseRows(self._csr.data[lo:hi], self._csr.indices[lo:hi], self._csr.indptr[start : stop + 1] - lo)
+            for start, stop in row_ranges(len(self.cell_ids), size):
+                yield self.cell_ids[start:stop], SparseRows.of(self._csr.data, self._csr.indices, self._csr.indptr, start, stop)
             return
         for first, lines in self._lines(size):
             ids, values = self._parse(lines, first)
