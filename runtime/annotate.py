@@ -106,7 +106,7 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
 
 def write_annotations(source, tmp: str, input_path: str, output: str, annotator: Annotator, options: AnnotateOptions,
                       file_options: FileOptions, started: float) -> dict:
-    classes, columns = annotator.classes, annotator.columns
+    classes, columns = annotator.classes, annotator.columns(options)
     clusters = voting.given_clusters(file_options.over_clustering, None, source)
     voting_wanted = file_options.majority_voting or clusters is not None
     if output.endswith(".h5ad"):

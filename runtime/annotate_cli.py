@@ -56,8 +56,15 @@ def print_summary(report: dict) -> None:
     if novelty["novel_cells"] is not None:
         share = 100 * novelty["novel_cells"] / max(report["cells"], 1)
         hint = "labelled unassigned" if novelty["unassigned_if_novel"] else "--max-novelty auto labels them unassigned"
-        click.echo(f"  {novelty['novel_cells']:,} cells ({share:.1f}%) lie beyond their label's novelty limit ({novelty['limits']}), "
-                   f"unlike its training cells (a type the model does not know, or data unlike its training data): {hint}")
+        click.echo(f"  novel: {novelty['novel_cells']:,} cells ({share:.1f}%), {novelty['rule']}; far more means types or data the model "
+                   f"does not know: {hint}")
+    sets = report.get("prediction_sets")
+    if sets:
+        click.echo(f"  prediction sets at alpha {sets['alpha']:g}: mean size {sets['mean_set_size']:.2f}, single {100 * sets['single']:.1f}%, "
+                   f"empty (unassigned) {100 * sets['empty']:.1f}%, every type {100 * sets['every_class']:.1f}%: {sets['promise']}")
+        if sets["degenerate"]:
+            click.secho("  warning: most sets hold (nearly) every type: they cover trivially and say little; the model cannot tell these "
+                        "cells' types apart at this alpha (try a larger --alpha).", fg="yellow", err=True)
     votes = report.get("majority_voting")
     if votes:
         click.echo(f"  majority voting over {votes['clusters']:,} clusters ({votes['clusters_from']}): "
@@ -78,11 +85,17 @@ def print_summary(report: dict) -> None:
   scl-annotate cells.h5ad --model demo_out/model.onnx --over-clustering leiden   # vote per Leiden cluster
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
-scl_novelty (cosine distance to the label's training centroid), scl_genes_detected,
-scl_novel (beyond its label's novelty limit), with voting scl_cluster, scl_majority_label, scl_majority_share; obsm['X_scl']
-(embedding) and uns['scl']; or a CSV with one row per cell. Inputs are never modified.
-Cells of types the model never saw still get a known label, often with high confidence, but lie
-far from its centroid: the summary counts them, and --max-novelty auto labels them unassigned."""
+scl_novelty (cosine distance to the label's training centroid), scl_novelty_p, scl_genes_detected,
+scl_novel, with --alpha scl_prediction_set and scl_set_size, with voting scl_cluster, scl_majority_label,
+scl_majority_share; obsm['X_scl'] (embedding) and uns['scl']; or a CSV with one row per cell.
+Inputs are never modified. Cells of types the model never saw still get a known label, often with
+high confidence, but lie far from its centroid: the summary counts them (novel), and --max-novelty
+auto labels them unassigned.
+
+\b
+  scl-annotate query.h5ad --model demo_out/model.onnx --alpha 0.05 --max-novelty auto
+      # each cell's set holds its true type for >= 95% of cells like the calibration cells;
+      # cells with an empty set, or novel at p <= 0.05, are unassigned"""
 )
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", required=True, envvar="SCL_MODEL", type=click.Path(dir_okay=False), help="The .onnx from scl-export (or set SCL_MODEL).")
@@ -93,8 +106,10 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
 @click.option("--min-cell-genes", type=int, help="Cells expressing fewer of the model's genes are labelled 'unassigned' "
               "(default: 200 of 28,231, the same share of smaller models; column genes_detected).")
-@click.option("--max-novelty", help="Label cells farther from their label's training centroid 'unassigned': auto (the model's per-class "
-              "limits, set by scl-train from its training and held-out cells) or a cosine distance (0-2). Default: count them only.")
+@click.option("--max-novelty", help="Label novel cells 'unassigned': auto (calibrated models: novelty p <= --alpha, 0.01 without it; older "
+              "models: their per-class limits) or a cosine distance to the label's centroid (0-2). Default: count them only.")
+@click.option("--alpha", type=float, help="Error rate you accept (calibrated models): write each cell's prediction set, which holds the "
+              "true type for >= 1 - alpha of cells like the calibration cells; empty sets are 'unassigned'. Also the novelty level.")
 @click.option("--majority-voting", is_flag=True, help="Give each cluster its most frequent label (scl_majority_label); clusters from "
               "--over-clustering, else an automatic over-clustering of the embedding (needs scl[voting]).")
 @click.option("--over-clustering", help="obs column of an .h5ad input with clusters to vote in (implies --majority-voting).")
@@ -112,7 +127,7 @@ far from its centroid: the summary counts them, and --max-novelty auto labels th
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
-def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, majority_voting, over_clustering, min_share,
+def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, alpha, majority_voting, over_clustering, min_share,
          device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
     from .annotate import FileOptions, annotate_file, check_folder_writable, check_output_path
@@ -129,10 +144,10 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     if report:
         check_folder_writable(report, "report")
     annotator = Annotator(model, device, threads)
-    annotator.novelty_limits(max_novelty)  # a bad --max-novelty, or auto on a model without limits, fails before any file
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes)
+    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes, alpha=alpha)
+    annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file
     file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
     reports = []
     for path, out in zip(paths, outputs):

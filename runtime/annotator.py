@@ -21,7 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
-from .calls import COLUMNS, Calls, call_cells, default_min_cell_genes, label_names, present
+from .calls import NOVELTY_ALPHA, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
+from .conformal import set_size_summary
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
 from .in_memory import is_anndata, memory_matrix
@@ -43,6 +44,7 @@ class AnnotateOptions:
     max_novelty: str | float | None = None  # "auto": the model's per-class limits; a number: one limit for all; None: count only
     progress: bool = True
     min_cell_genes: int | None = None  # cells expressing fewer of the model's genes are 'unassigned'; None: calls.default_min_cell_genes
+    alpha: float | None = None  # prediction sets holding the true type for >= 1 - alpha of cells like the calibration cells; novel: p <= alpha
 
 
 @dataclass
@@ -60,11 +62,14 @@ class RunTally:
     labels: Counter = field(default_factory=Counter)
     cells: int = 0
     novel: int = 0
+    set_sizes: Counter = field(default_factory=Counter)
 
     def add(self, block: AnnotatedBlock, classes: list[str]) -> None:
         self.labels.update(label_names(classes, block.calls["label"]))
         self.cells += len(block.cell_ids)
         self.novel += int(block.calls["novel"].sum()) if "novel" in block.calls else 0
+        if "set_size" in block.calls:
+            self.set_sizes.update(block.calls["set_size"].tolist())
 
 
 class Annotator:
@@ -117,18 +122,34 @@ class Annotator:
         """What the model says about itself: base model, training data digests, metrics."""
         return dict(self.session.meta["model_card"])
 
-    @property
-    def columns(self) -> list:
-        """The per-cell output columns this model produces (calls.COLUMNS; 'novel' only with novelty limits)."""
-        return [c for c in COLUMNS if c.name != "novel" or self.session.novelty_limits is not None]
+    def columns(self, options: AnnotateOptions | None = None) -> list:
+        """The per-cell output columns (calls.COLUMNS) this model gives with these options: 'novelty_p' for calibrated
+        models, 'novel' with a calibration or novelty limits, 'prediction_set' and 'set_size' with an alpha."""
+        n = len(self.session.classes)
+        probe = Prediction(np.full((1, n), 1 / n, np.float32), self.session.centroids[:1])
+        return present(call_cells(probe, self.session.centroids, self.rules(options or AnnotateOptions()), self.classes))
 
-    def novelty_limits(self, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
-        """(limits to count novel cells against, whether novel cells are labelled unassigned)."""
+    def rules(self, options: AnnotateOptions) -> CallRules:
+        """The options checked against this model, as call_cells takes them."""
+        session, alpha = self.session, options.alpha
+        if alpha is not None:
+            if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+                raise SclError(f"alpha {alpha!r}: give the error rate you accept, between 0 and 1 (such as 0.05 or 0.1).", "alpha")
+            if session.calibration is None:
+                raise SclError(f"{session.path}: this model carries no calibration cells (exported before scl kept them); prediction sets "
+                               "and novelty p-values need them: train and export it again with this scl.", "alpha")
+        limits, unassign = self._novelty_limits(options.max_novelty)
+        min_genes = default_min_cell_genes(len(session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
+        return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)
+
+    def _novelty_limits(self, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
+        """(per-class distance limits, whether novel cells are labelled unassigned); calibrated models judge novelty by
+        p-value, so they need no limits unless the user gives one distance."""
         session = self.session
         if max_novelty is None:
             return session.novelty_limits, False
         if max_novelty == "auto":
-            if session.novelty_limits is None:
+            if session.novelty_limits is None and session.calibration is None:
                 raise SclError(f"{session.path}: this model carries no novelty limits (exported before scl stored them); "
                                "export it again, or give max_novelty a cosine distance such as 0.5.", "max_novelty")
             return session.novelty_limits, True
@@ -158,9 +179,7 @@ class Annotator:
         return self.session.predict(rows, is_lognorm=True)  # normalised by prepare(), not densely in the graph
 
     def call(self, pred: Prediction, options: AnnotateOptions, genes_detected: np.ndarray | None = None) -> Calls:
-        limits, unassign_novel = self.novelty_limits(options.max_novelty)
-        min_genes = default_min_cell_genes(len(self.session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
-        return call_cells(pred, self.session.centroids, options.min_confidence, limits, unassign_novel, genes_detected, min_genes)
+        return call_cells(pred, self.session.centroids, self.rules(options), self.classes, genes_detected)
 
     def stream(self, source: ExpressionSource, options: AnnotateOptions | None = None):
         """AnnotatedBlock per block of `source`, in order, with at most threads + 1 blocks in memory.
@@ -172,7 +191,7 @@ class Annotator:
         ...     print(block.cell_ids[0], block.calls["label"][0])
         """
         options = options or AnnotateOptions()
-        self.novelty_limits(options.max_novelty)  # a bad value fails before any block
+        self.rules(options)  # a bad value fails before any block
         local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
 
         def annotate_block(ids, raw):
@@ -194,19 +213,46 @@ class Annotator:
         """The run's summary, as scl-annotate's --report and uns['scl'] hold it."""
         model = self.session.describe() | {"notes": self.session.notes, "parallel_blocks": self.workers}
         model.pop("classes")
-        novelty = {"limits": None, "novel_cells": None, "unassigned_if_novel": False}
-        if options.max_novelty is not None or self.session.novelty_limits is not None:
-            limits = f"{float(options.max_novelty):g} for every class" if options.max_novelty not in (None, "auto") else "per class, from the model"
-            novelty = {"limits": limits, "novel_cells": tally.novel, "unassigned_if_novel": options.max_novelty is not None}
+        rules = self.rules(options)
+        extra |= {"novelty": self._novelty_report(options, rules, tally)}
+        if rules.set_alpha is not None:
+            sizes = np.repeat(np.fromiter(tally.set_sizes, int), np.fromiter(tally.set_sizes.values(), int))
+            extra["prediction_sets"] = {"alpha": rules.set_alpha, **set_size_summary(sizes, len(self.classes)),
+                                        "promise": self.set_promise(rules.set_alpha)}
         return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
-                "min_confidence": options.min_confidence, "novelty": novelty,
+                "min_confidence": options.min_confidence,
                 "min_cell_genes": default_min_cell_genes(len(self.session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes, "seconds": round(seconds, 3),
                 "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
+
+    def _novelty_report(self, options: AnnotateOptions, rules: CallRules, tally: RunTally) -> dict:
+        if rules.novelty_limits is None and rules.calibration is None:
+            return {"rule": None, "novel_cells": None, "unassigned_if_novel": False}
+        if options.max_novelty not in (None, "auto"):
+            rule = f"cosine distance to the label's centroid above {float(options.max_novelty):g}"
+        elif rules.novelty_limits is not None:
+            rule = "beyond the label's novelty limit from the model (exported before calibration)"
+        else:
+            rule = (f"novelty p <= {rules.novelty_alpha:g} among the label's calibration cells: "
+                    f"about {rules.novelty_alpha:.0%} of cells like them are flagged, by construction")
+            n = rules.calibration.cells
+            if not rules.calibration.group_is_enough(n, rules.novelty_alpha):
+                rule += (f"; but this model has only {n} calibration cells, so no p-value can reach {rules.novelty_alpha:g} and no cell is "
+                         f"flagged: use alpha {1 / (n + 1):.2g} or more, or calibrate on more cells")
+        return {"rule": rule, "alpha": rules.novelty_alpha if rules.novelty_limits is None else None,
+                "novel_cells": tally.novel, "unassigned_if_novel": rules.unassign_novel}
+
+    def set_promise(self, alpha: float) -> str:
+        calibration = self.session.calibration
+        text = (f"each set holds the true type for at least {1 - alpha:.0%} of cells like the model's {calibration.cells:,} calibration "
+                "cells (same kind of data); for other data it is a measurement, not a promise")
+        if calibration.optimistic:
+            text += "; this model's calibration cells were in its base model's training data, so it is optimistic"
+        return text
 
     def annotate(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None,
                  gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
                  min_confidence: float = 0.0, max_novelty: str | float | None = None, min_cell_genes: int | None = None,
-                 majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
+                 alpha: float | None = None, majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
                  batch_size: int = 256, progress: bool = True) -> AnnotationResult:
         """Annotate cells in memory (or an .h5ad/CSV path) and return the calls, embedding and probabilities.
 
@@ -232,8 +278,13 @@ class Annotator:
             Cells expressing fewer of the model's genes are labelled 'unassigned' (default 200 of 28,231, the same share
             of smaller gene orders: see the `genes_detected` column).
         max_novelty
-            "auto" labels cells beyond their label's novelty limit 'unassigned'; a number is one cosine-distance
-            limit for every class; None counts novel cells only.
+            "auto" labels novel cells 'unassigned' (calibrated models: novelty p <= alpha, 0.01 unless `alpha` is given;
+            older models: beyond their label's limit); a number is one cosine-distance limit for every class; None
+            counts novel cells only.
+        alpha
+            The error rate you accept (calibrated models): each cell gets a prediction set that holds its true type
+            for at least 1 - alpha of cells like the model's calibration cells (columns prediction_set, set_size); a
+            cell whose set is empty is 'unassigned'. It also sets the novelty level (novel: novelty p <= alpha).
         majority_voting, over_clustering, min_share
             Majority voting (see `scl.majority_vote`): clusters from `over_clustering` (an obs column name or one
             cluster id per cell), or from an automatic over-clustering of the embedding when only
@@ -252,7 +303,7 @@ class Annotator:
         >>> result.embedding.shape
         (2800, 128)
         """
-        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes)
+        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, block_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
@@ -309,7 +360,7 @@ def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = N
     device, threads
         See `Annotator`.
     **options
-        Any option of `Annotator.annotate`: min_confidence, max_novelty, majority_voting, over_clustering, min_share,
+        Any option of `Annotator.annotate`: min_confidence, max_novelty, alpha, majority_voting, over_clustering, min_share,
         gene_column, input_kind, min_genes, batch_size, progress.
 
     Examples

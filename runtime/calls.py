@@ -5,8 +5,10 @@ COLUMNS: adding a column is one `Column` here plus its computation in `call_cell
 
 Novelty is the cosine distance from a cell's embedding to its label's training centroid. A cell of a type the
 model never saw still gets one of the known labels, often with confidence 1, but sits far from that centroid.
-Models exported by scl carry a limit per class (see train/novelty.py); cells beyond it are `novel`, and are
-labelled unassigned when asked (`max_novelty`).
+Calibrated models (scl-train keeps calibration cells no stage trained on) judge it as a conformal p-value against
+the calibration cells of that label (conformal.py): `novel` is p <= alpha. Models exported before carry a distance
+limit per class instead. Novel cells are labelled unassigned when asked (`max_novelty`). With an alpha, calibrated
+models also give each cell a prediction set; a cell whose set is empty is unassigned.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conformal import SET_SEPARATOR, Calibration, set_names
 from .session import Prediction
 
 UNASSIGNED = "unassigned"
+NOVELTY_ALPHA = 0.01  # novel = novelty p <= this unless an alpha is given: the 99th percentile the older limits used
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,12 @@ class Column:
     Examples
     --------
     >>> [c.name for c in scl.COLUMNS]
-    ['label', 'confidence', 'second_label', 'second_probability', 'novelty', 'novel']
+    ['label', 'confidence', 'second_label', 'second_probability', 'novelty', 'novelty_p', 'genes_detected', 'novel', 'prediction_set', 'set_size']
     >>> Column("entropy", "float", "entropy of the probabilities")   # plus its computation in call_cells
     """
 
     name: str
-    kind: str  # "label": class index (-1 unassigned), written as names; "category": strings; "float"; "int"; "bool"
+    kind: str  # "label": class index (-1 unassigned), written as names; "category", "set": strings; "float"; "int"; "bool"
     doc: str
 
 
@@ -43,8 +47,11 @@ COLUMNS = (
     Column("second_label", "label", "runner-up cell type"),
     Column("second_probability", "float", "probability of the runner-up"),
     Column("novelty", "float", "cosine distance from the cell's embedding to its label's training centroid"),
+    Column("novelty_p", "float", "conformal p-value of the novelty among the label's calibration cells (calibrated models)"),
     Column("genes_detected", "int", "how many of the model's genes the cell expresses (nonzero)"),
-    Column("novel", "bool", "beyond its label's novelty limit: unlike the training cells (models with limits only)"),
+    Column("novel", "bool", "unlike the calibration cells: novelty p <= alpha (calibrated models), else beyond the label's limit"),
+    Column("prediction_set", "set", "the types that, at the given alpha, cannot be ruled out, most probable first ('|' between)"),
+    Column("set_size", "int", "how many types the prediction set holds (0: unassigned)"),
 )
 VOTING_COLUMNS = (
     Column("cluster", "category", "the over-clustering cluster the cell belongs to"),
@@ -64,10 +71,24 @@ def default_min_cell_genes(n_model_genes: int) -> int:
     return max(1, math.ceil(200 * n_model_genes / 28231))
 
 
-def call_cells(pred: Prediction, unit_centroids: np.ndarray, min_confidence: float = 0.0,
-               novelty_limits: np.ndarray | None = None, unassign_novel: bool = False,
-               genes_detected: np.ndarray | None = None, min_cell_genes: int = 0) -> Calls:
-    """The COLUMNS for a block of cells; 'novel' only where there are novelty limits."""
+@dataclass
+class CallRules:
+    """How probabilities and embeddings become calls: what Annotator derives from the model and the user's options."""
+
+    min_confidence: float = 0.0
+    novelty_limits: np.ndarray | None = None  # per-class distance limits (older models, or one number for all)
+    calibration: Calibration | None = None
+    novelty_alpha: float = NOVELTY_ALPHA
+    set_alpha: float | None = None  # prediction sets at this level; None: no sets
+    unassign_novel: bool = False
+    min_cell_genes: int = 0
+
+
+def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | None = None, classes: list[str] | None = None,
+               genes_detected: np.ndarray | None = None) -> Calls:
+    """The COLUMNS for a block of cells: 'novelty_p' for calibrated models, 'novel' where there are limits or a
+    calibration, 'prediction_set' and 'set_size' with a set alpha (names need `classes`)."""
+    rules = rules or CallRules()
     probs = pred.probabilities
     order = np.argsort(-probs, axis=1, kind="stable")  # ties go to the earlier class
     best = order[:, 0]
@@ -75,14 +96,27 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, min_confidence: flo
     rows = np.arange(len(probs))
     confidence = probs[rows, best]
     novelty = cosine_distance(pred.embedding, unit_centroids, best)
-    novel = novelty > novelty_limits[best] if novelty_limits is not None else np.zeros(len(best), dtype=bool)
     if genes_detected is None:
         genes_detected = np.full(len(best), -1, dtype=np.int32)  # not counted (callers that pass rows already aligned)
-    keep = (confidence >= min_confidence) & ~(novel & unassign_novel) & ((genes_detected >= min_cell_genes) | (genes_detected < 0))
-    calls = {"label": np.where(keep, best, -1), "confidence": confidence, "second_label": second,
-             "second_probability": probs[rows, second], "novelty": novelty, "genes_detected": genes_detected.astype(np.int32)}
-    if novelty_limits is not None:
+    calls = {"label": best, "confidence": confidence, "second_label": second, "second_probability": probs[rows, second],
+             "novelty": novelty, "genes_detected": genes_detected.astype(np.int32)}
+    novel = np.zeros(len(best), dtype=bool)
+    if rules.novelty_limits is not None:
+        novel = novelty > rules.novelty_limits[best]
         calls["novel"] = novel
+    if rules.calibration is not None:
+        calls["novelty_p"] = rules.calibration.novelty_p(novelty, best, rules.novelty_alpha)
+        if rules.novelty_limits is None:
+            novel = calls["novelty_p"] <= rules.novelty_alpha
+            calls["novel"] = novel
+    keep = (confidence >= rules.min_confidence) & ~(novel & rules.unassign_novel)
+    keep &= (genes_detected >= rules.min_cell_genes) | (genes_detected < 0)
+    if rules.calibration is not None and rules.set_alpha is not None:
+        in_set = rules.calibration.prediction_sets(probs, rules.set_alpha)
+        calls["prediction_set"] = set_names(in_set, probs, classes)
+        calls["set_size"] = in_set.sum(axis=1).astype(np.int32)
+        keep &= calls["set_size"] > 0
+    calls["label"] = np.where(keep, best, -1)
     return calls
 
 
@@ -109,4 +143,6 @@ def json_value(column: Column, value, classes: list[str]):
         return int(value)
     if column.kind == "bool":
         return bool(value)
+    if column.kind == "set":
+        return [name for name in str(value).split(SET_SEPARATOR) if name]
     return str(value)

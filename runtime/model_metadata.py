@@ -15,9 +15,9 @@ INPUT_COUNTS = "counts"  # float32 [cells, genes]: values aligned to scl.gene_or
 INPUT_IS_LOGNORM = "input_is_lognorm"  # float32 [1]: 1 skips the in-graph normalisation
 OUTPUTS = ("probabilities", "embedding")
 KEYS = ("format_version", "gene_order", "classes", "normalization", "input", "model_card", "weights_sha256", "centroids")
-# absent in models exported before them: novelty_limits {"values": [per class], "quantile": q, "from": "..."};
-# content_sha256 (integrity.py)
-OPTIONAL_KEYS = ("novelty_limits", "content_sha256")
+# absent in models exported before them: novelty_limits {"values": [per class], "quantile": q, "from": "..."} (models
+# exported before calibration); content_sha256 (integrity.py); calibration (conformal.Calibration.to_metadata)
+OPTIONAL_KEYS = ("novelty_limits", "content_sha256", "calibration")
 
 
 def encode(values: dict) -> dict[str, str]:
@@ -73,3 +73,10 @@ def _check(meta: dict, source: str, genes: int | None, classes: int | None, late
     limits = meta.get("novelty_limits")
     if limits is not None and (not isinstance(limits, dict) or not isinstance(limits.get("values"), list) or len(limits["values"]) != n):
         refuse("novelty_limits", f"does not hold one limit per class ({n})")
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        per_class = [calibration.get(k) if isinstance(calibration, dict) else None for k in ("class_scores", "class_distances")]
+        if not all(isinstance(v, list) and len(v) == n and all(isinstance(c, list) for c in v) for v in per_class):
+            refuse("calibration", f"does not hold calibration scores and distances for each of the {n} classes")
+        if not isinstance(calibration.get("temperature"), (int, float)) or not calibration["temperature"] > 0:
+            refuse("calibration", "has no positive temperature")

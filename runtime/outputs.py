@@ -120,7 +120,7 @@ class H5adOutput:
         name = obs_name(KEY, column)
         if column.kind == "label":
             return _growable(_categorical(self.obs, name, list(self.classes) + [UNASSIGNED]), "codes", np.int16)
-        return _growable(self.obs, name, {"float": np.float32, "int": np.int32}.get(column.kind, bool))
+        return _growable(self.obs, name, {"float": np.float32, "int": np.int32, "set": STR}.get(column.kind, bool))
 
     def _column_order(self, names: list[str]) -> None:
         order = [str(c) for c in self.obs.attrs.get("column-order", []) if str(c) not in names]

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from scipy import sparse
 
 from .annotator import AnnotateOptions, Annotator
-from .calls import json_value
+from .calls import json_value, present
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
 from .genes import ENSEMBL_ID
@@ -42,10 +42,14 @@ def _finite(values) -> None:
         raise ValueError(f"values must be finite and non-negative (got {bad[0]})")
 
 
-class Cell(BaseModel):
-    expression: dict[str, float] = Field(description="gene symbol -> raw count (or log1p(CP10k) with input_kind='lognorm')", min_length=1)
+class Options(BaseModel):
     top_k: int = Field(3, ge=1, le=100)
     input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
+    alpha: float | None = Field(None, gt=0, lt=1, description="error rate for prediction sets and novelty (calibrated models), e.g. 0.05")
+
+
+class Cell(Options):
+    expression: dict[str, float] = Field(description="gene symbol -> raw count (or log1p(CP10k) with input_kind='lognorm')", min_length=1)
 
     @field_validator("expression")
     @classmethod
@@ -54,15 +58,13 @@ class Cell(BaseModel):
         return v
 
 
-class Batch(BaseModel):
+class Batch(Options):
     """Either `cells` (one gene map per cell) or the columnar form: `genes` once and `values` per cell."""
 
     cells: list[dict[str, float]] | None = None
     genes: list[str] | None = None
     values: list[list[float]] | None = None
     cell_ids: list[str] | None = None
-    top_k: int = Field(3, ge=1, le=100)
-    input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -187,7 +189,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         return JSONResponse(status_code=422, content={"detail": detail})
 
     batcher = MicroBatcher(annotator)
-    session, columns, calling = annotator.session, annotator.columns, AnnotateOptions(progress=False)
+    session = annotator.session
 
     def known(gene: str) -> bool:
         """A name that can reach a model gene: a symbol (exact or ignoring case) or an Ensembl ID (mapped later)."""
@@ -206,9 +208,10 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         ids, raw = block
         return annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
 
-    def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, top_k: int, cell_ids) -> list[dict]:
-        calls = annotator.call(pred, calling, detected)
-        k = min(top_k, len(session.classes))
+    def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, request: Options, cell_ids) -> list[dict]:
+        calls = annotator.call(pred, AnnotateOptions(progress=False, alpha=request.alpha), detected)
+        columns = present(calls)
+        k = min(request.top_k, len(session.classes))
         order = np.argsort(-pred.probabilities, axis=1)[:, :k]
         results = []
         for i in range(len(pred.probabilities)):
@@ -219,22 +222,23 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
             results.append(cell)
         return results
 
-    async def annotate(genes, x, sent, input_kind, top_k, cell_ids):
-        source = await run_in_threadpool(open_request, genes, x, input_kind, cell_ids)
+    async def annotate(genes, x, sent, request: Options, cell_ids):
+        source = await run_in_threadpool(open_request, genes, x, request.input_kind, cell_ids)
         blocks, results = source.raw_blocks(), []
         while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
             rows, detected = block
             pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
             start = len(results)
-            results += describe(pred, detected, sent[start:start + len(rows)], top_k, cell_ids[start:start + len(rows)] if cell_ids else None)
+            results += describe(pred, detected, sent[start:start + len(rows)], request, cell_ids[start:start + len(rows)] if cell_ids else None)
         source.close()
         return results
 
-    async def run(genes, x, sent, input_kind, top_k, cell_ids=None) -> list[dict]:
+    async def run(genes, x, sent, request: Options, cell_ids=None) -> list[dict]:
         if x.shape[0] > max_cells:
             raise HTTPException(413, f"{x.shape[0]} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
         try:
-            return await asyncio.wait_for(annotate(genes, x, sent, input_kind, top_k, cell_ids), timeout_s)
+            annotator.rules(AnnotateOptions(alpha=request.alpha))  # alpha on a model without calibration: 422 before any work
+            return await asyncio.wait_for(annotate(genes, x, sent, request, cell_ids), timeout_s)
         except SclError as err:
             raise HTTPException(422, err.message) from None  # the settings it names are the CLI's and Python's, not the request's
         except asyncio.TimeoutError:
@@ -243,12 +247,12 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     @app.post("/predict", summary="Annotate one cell")
     async def predict(cell: Cell) -> dict:
         genes, x, sent = _gene_maps_to_rows([cell.expression], known)
-        return (await run(genes, x, sent, cell.input_kind, cell.top_k))[0]
+        return (await run(genes, x, sent, cell))[0]
 
     @app.post("/predict_batch", summary="Annotate many cells (gene maps or columnar)")
     async def predict_batch(batch: Batch) -> dict:
         genes, x, sent = _matrix(batch, known)
-        return {"cells": await run(genes, x, sent, batch.input_kind, batch.top_k, batch.cell_ids)}
+        return {"cells": await run(genes, x, sent, batch, batch.cell_ids)}
 
     @app.get("/healthz")
     async def healthz() -> dict:

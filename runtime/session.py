@@ -9,6 +9,7 @@ import numpy as np
 
 from . import integrity
 from . import model_metadata as meta
+from .conformal import Calibration
 from .errors import ModelError, SclError
 from .genes import GeneIndex
 
@@ -46,6 +47,8 @@ class AnnotationSession:
         self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
         limits = self.meta.get("novelty_limits")  # None in models exported before scl stored them
         self.novelty_limits = np.asarray(limits["values"], dtype=np.float32) if limits else None
+        calibration = self.meta.get("calibration")  # None in models exported before scl kept calibration cells
+        self.calibration = Calibration.from_metadata(calibration) if calibration else None
 
     def _metadata(self) -> dict:
         """The model's metadata, checked against the graph and, where it carries one, against its content digest."""
@@ -102,4 +105,10 @@ class AnnotationSession:
         card = self.meta["model_card"]
         return {"path": self.path, "provider": self.provider, "classes": self.classes, "genes": len(self.gene_order),
                 "format_version": self.meta["format_version"], "weights_sha256": self.meta["weights_sha256"], "model_card": card,
-                "novelty_limits": self.meta.get("novelty_limits")}
+                "novelty_limits": self.meta.get("novelty_limits"), "calibration": self.calibration_summary()}
+
+    def calibration_summary(self) -> dict | None:
+        """What /model and reports say of the calibration: not the stored scores."""
+        c = self.calibration
+        return None if c is None else {"cells": c.cells, "temperature": c.temperature, "optimistic": c.optimistic, "from": c.source,
+                                       "cells_per_class": dict(zip(self.classes, (len(s) for s in c.class_scores)))}
