@@ -49,7 +49,7 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
     import anndata as ad
     from sklearn.metrics import f1_score
 
-    from scl.export.graph import AnnotationModel
+    from scl.export.graph import annotation_model
     from scl.export.validate import onnx_outputs, torch_outputs
     from scl.runtime.expression import ExpressionSource
     from scl.train.run_dir import load_run
@@ -59,7 +59,7 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
         counts = np.vstack([x for _, x in src.blocks(normalise=False)])
     truth = ad.read_h5ad(val).obs["cell_type"].astype(str).to_numpy()
     classes = np.array(run.classes)
-    t_probs, t_emb = torch_outputs(AnnotationModel(run.model.encoder, run.head).eval(), counts, False)
+    t_probs, t_emb = torch_outputs(annotation_model(run), counts, False)
     rows = {"torch_fp32": {"label_agreement_with_torch": 1.0, "max_abs_diff_embedding": 0.0,
                            "macro_f1": f1_score(truth, classes[t_probs.argmax(1)], average="macro")}}
     for name, path in models.items():
@@ -75,14 +75,14 @@ def onnx_parity(run_dir: Path, models: dict, val: str) -> dict:
 
 
 def novelty_shares(model: Path, files: dict[str, str]) -> dict:
-    """Per file, the share of cells scl-annotate finds beyond their label's novelty limit (what --max-novelty auto unassigns)."""
+    """Per file, the share of cells scl-annotate flags novel (novelty p <= 0.01; what --max-novelty auto unassigns)."""
     from scl.runtime.annotator import Annotator
 
     annotator = Annotator(model)
     shares = {}
     for name, path in files.items():
         novel = annotator.annotate(path, progress=False).calls["novel"]
-        shares[name] = {"cells": len(novel), "share_beyond_novelty_limits": round(float(novel.mean()), 4)}
+        shares[name] = {"cells": len(novel), "share_novel": round(float(novel.mean()), 4)}
     return shares
 
 

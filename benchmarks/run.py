@@ -306,8 +306,8 @@ def markdown(r: dict) -> str:
     lines += ["", f"CellTypist annotates {ct['cells_per_second']:,.0f} cells/s on {ct['throughput_cells']:,} of the throughput cells "
               f"(normalise + annotate in memory; {ct['features']:,} genes); scl-annotate fp32 {e2e:,.0f} cells/s from the file "
               f"({e2e / ct['cells_per_second']:.2f}x).", "",
-              "Cells beyond their label's novelty limit with the fp32 model (what `--max-novelty auto` labels unassigned): "
-              + "; ".join(f"{name} {100 * v['share_beyond_novelty_limits']:.1f}% of {v['cells']:,}" for name, v in r["novelty"].items()) + ".", "",
+              "Cells flagged novel by the fp32 model (novelty p <= 0.01 among its calibration cells; what `--max-novelty auto` labels unassigned): "
+              + "; ".join(f"{name} {100 * v['share_novel']:.1f}% of {v['cells']:,}" for name, v in r["novelty"].items()) + ".", "",
               "**Training cost**: LoRA against full fine-tuning of the encoder, same data, losses and batches:", "",
               "| method | lr | trainable parameters | s per epoch | peak RSS MB | RSS growth in training MB | best val macro-F1 |", "|---|---|---|---|---|---|---|"]
     for name, m in cost["methods"].items():

@@ -42,6 +42,8 @@ def metadata_values(run, run_dir: Path) -> dict:
         "model_card": card,
         "centroids": np.round(run.centroids, 6).tolist(),
     }
+    if run.calibration is not None:
+        values["calibration"] = run.calibration.to_metadata()
     if run.novelty_limits is not None:
         novelty = m.get("novelty", {})
         values["novelty_limits"] = {"values": np.round(run.novelty_limits, 6).tolist(), "quantile": novelty.get("quantile"),
@@ -105,7 +107,7 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     from scl.train.run_dir import load_run
 
     from . import onnx_file
-    from .graph import AnnotationModel
+    from .graph import annotation_model
     from .validate import compare, write_report
 
     out = Path(out)
@@ -114,7 +116,7 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     if not os.access(out.parent, os.W_OK):  # before minutes of export work, not after
         raise SclError(f"{out.parent}: the folder for --out is not writable; choose another.")
     run = load_run(run_dir)
-    module = AnnotationModel(run.model.encoder, run.head).eval()
+    module = annotation_model(run)
     values = metadata_values(run, Path(run_dir))
     counts, sample = sample_cells(run, sample_data, n_sample)
     variants = [("fp32", True, lambda: onnx_file.export_fp32(module, len(run.model.gene_order))),

@@ -1,7 +1,7 @@
 """The whole annotation model as one torch module, the shape the ONNX graph takes.
 
 counts aligned to the gene order -> total counts to 1e4 and log1p (skipped when input_is_lognorm is 1)
--> merged encoder -> L2-normalised embedding -> linear head -> softmax.
+-> merged encoder -> L2-normalised embedding -> linear head (divided by the calibration temperature) -> softmax.
 
 The choice between the two inputs is a torch.cond, exported as an ONNX If: only the branch taken runs. A
 torch.where over both costs five passes over the dense [cells, 28231] input, which measured 45% of the fp32
@@ -27,6 +27,23 @@ class AnnotationModel(torch.nn.Module):
         embedding = self.encoder(x)  # SCimilarity's encoder ends with F.normalize
         probabilities = F.softmax(self.head(embedding), dim=1)
         return probabilities, embedding
+
+
+def annotation_model(run) -> AnnotationModel:
+    """A trained run (train/run_dir.TrainedRun) as the module scl-export writes: its head divided by the run's
+    calibration temperature (1 for runs from before calibration)."""
+    temperature = run.calibration.temperature if run.calibration is not None else 1.0
+    return AnnotationModel(run.model.encoder, temperature_scaled(run.head, temperature)).eval()
+
+
+def temperature_scaled(head: torch.nn.Linear, temperature: float) -> torch.nn.Linear:
+    """The head with its logits divided by the temperature, folded into its weights: calibrated probabilities
+    come out of the graph itself, with no extra node and the same labels."""
+    scaled = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        scaled.weight.copy_(head.weight / temperature)
+        scaled.bias.copy_(head.bias / temperature)
+    return scaled.eval()
 
 
 def _lognorm(counts: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def run_dir(base_dir, small_data, tmp_path_factory):
                                "--val-data", small_data / "val.h5ad", "--forgetting-data", small_data / "brain.h5ad",
                                "--out", out, "--epochs", "2", "--ablation")
     assert code == 0, stderr
-    assert "trainable parameters:" in stdout and "sanity checks passed" in stdout and "beyond the novelty limits: training" in stdout
+    assert "trainable parameters:" in stdout and "sanity checks passed" in stdout and "calibration: the " in stdout and "prediction sets held the true type" in stdout
     assert "LoRA" in stderr  # progress bars
     return out
 

@@ -18,16 +18,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOVELTY_TESTS = ["tests/test_calls.py", "tests/test_annotate.py::test_novelty_equals_an_independent_computation_and_scl_trains_count"]
 EXPORT_TESTS = ["tests/test_export.py"]
+CONFORMAL_TESTS = ["tests/test_calls.py"]
 
 MUTANTS = [
     ("novelty against the runner-up's limit", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty > novelty_limits[second]", NOVELTY_TESTS),
     ("novelty > becomes >=", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty >= novelty_limits[best]", NOVELTY_TESTS),
     ("centroids not unit length", "runtime/session.py", "self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)",
      "self.centroids *= 1.5", NOVELTY_TESTS),
-    ("min-confidence >= becomes >", "runtime/calls.py", "keep = (confidence >= min_confidence)", "keep = (confidence > min_confidence)", ["tests/test_calls.py"]),
+    ("min-confidence >= becomes >", "runtime/calls.py", "keep = (confidence >= rules.min_confidence)", "keep = (confidence > rules.min_confidence)", ["tests/test_calls.py"]),
+    ("conformal rank floor instead of ceil", "runtime/conformal.py", "return math.ceil((n + 1) * (1 - alpha))", "return math.floor((n + 1) * (1 - alpha))", CONFORMAL_TESTS),
+    ("conformal rank over n, not n + 1", "runtime/conformal.py", "return math.ceil((n + 1) * (1 - alpha))", "return math.ceil(n * (1 - alpha))", CONFORMAL_TESTS),
+    ("a score at the threshold left out", "runtime/conformal.py", "<= q[None, :]", "< q[None, :]", CONFORMAL_TESTS),
+    ("novelty p counts only farther cells", "runtime/conformal.py", 'side="left"', 'side="right"', CONFORMAL_TESTS),
+    ("novelty p without the + 1", "runtime/conformal.py", "p[cells] = (1 + at_least) / (len(reference) + 1)", "p[cells] = at_least / len(reference)", CONFORMAL_TESTS),
+    ("small classes not pooled", "runtime/conformal.py", "return (n + 1) * alpha >= 1", "return n > 0", CONFORMAL_TESTS),
+    ("empty sets stay assigned", "runtime/calls.py", "keep &= calls[\"set_size\"] > 0", "pass", CONFORMAL_TESTS),
+    ("temperature not applied in the graph", "export/graph.py", "return AnnotationModel(run.model.encoder, temperature_scaled(run.head, temperature)).eval()",
+     "return AnnotationModel(run.model.encoder, run.head).eval()", ["tests/test_export.py::test_graph_inputs_outputs_and_dynamic_batch"]),
     ("min-genes < becomes <=", "runtime/genes.py", "if matched < min_overlap:", "if matched <= min_overlap:", ["tests/test_calls.py"]),
     ("min-genes 1 for small models", "runtime/genes.py", "    return min(SCIMILARITY_MIN_OVERLAP,",
      "    return 1 if n_model_genes < SCIMILARITY_GENES else min(SCIMILARITY_MIN_OVERLAP,", ["tests/test_calls.py"]),
+    ("calibration on the cells the base trained on", "train/roles.py", "return np.isin(cells.rows, entry[\"held_out_rows\"])",
+     "return ~np.isin(cells.rows, entry[\"held_out_rows\"])", ["tests/test_train.py::test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those"]),
     ("fp32 tolerance 1e-1", "export/validate.py", "FP32_TOLERANCE = 1e-4", "FP32_TOLERANCE = 1e-1", EXPORT_TESTS),
     ("fp32 always passes", "export/validate.py", 'result["passed"] = variant != "fp32" or (', 'result["passed"] = True or (', EXPORT_TESTS),
     ("torch compared with itself", "export/validate.py", "o_probs, o_emb = onnx_outputs(path, counts, False, providers)",

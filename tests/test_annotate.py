@@ -38,8 +38,8 @@ def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_d
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     source = ad.read_h5ad(val)
     assert list(out.obs_names) == list(source.obs_names) and out.shape == source.shape
-    assert list(out.obs.columns[-7:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty",
-                                          "scl_genes_detected", "scl_novel"]
+    assert list(out.obs.columns[-8:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty",
+                                          "scl_novelty_p", "scl_genes_detected", "scl_novel"]
     assert out.obsm["X_scl"].shape == (70, 16) and out.obsm["scl_probabilities"].shape == (70, 7)
     np.testing.assert_allclose(out.obsm["scl_probabilities"].sum(1), 1, atol=1e-5)
     report = json.loads(out.uns["scl"]["report_json"])
@@ -134,37 +134,64 @@ def test_a_failure_midway_leaves_nothing_behind(exported, pbmc_small, tmp_path):
 
 
 def test_cells_of_types_the_model_never_saw_are_counted_and_unassigned_on_request(exported, run_dir, small_data, tmp_path):
-    """The model knows 7 PBMC types. Brain cells still get PBMC labels, but lie beyond the novelty limits that
-    scl-train measured on the training cells and scl-export stored in the model."""
-    novelty = json.loads((run_dir / "metrics.json").read_text())["novelty"]
-    assert novelty["validation_share_beyond"] < 0.1 and novelty["forgetting_data_share_beyond"] > 0.9
+    """The model knows 7 PBMC types. Brain cells still get PBMC labels, but their novelty p-values among the
+    calibration cells are small: flagged novel, and unassigned on request, as scl-train measured."""
+    shares = json.loads((run_dir / "metrics.json").read_text())["calibration"]["novel_share"]
+    assert shares["validation"]["0.1"] < 0.25 and shares["forgetting_data"]["0.1"] > 0.9
     brain, val = small_data / "brain.h5ad", small_data / "val.h5ad"
     reports = {}
-    for name, path, flags in (("counted", brain, []), ("auto", brain, ["--max-novelty", "auto"]), ("val", val, ["--max-novelty", "auto"]),
-                              ("loose", brain, ["--max-novelty", "2"])):
+    for name, path, flags in (("counted", brain, ["--alpha", "0.1"]), ("auto", brain, ["--alpha", "0.1", "--max-novelty", "auto"]),
+                              ("val", val, ["--alpha", "0.1", "--max-novelty", "auto"]), ("loose", brain, ["--max-novelty", "2"]),
+                              ("default", brain, [])):
         annotate(path, "--model", exported, "--output", tmp_path / f"{name}.csv", "--report", tmp_path / f"{name}.json", *flags)
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     counted, auto = reports["counted"], reports["auto"]
-    assert counted["novelty"]["novel_cells"] > 0.9 * counted["cells"] and "unassigned" not in counted["labels"]
-    assert auto["labels"]["unassigned"] == auto["novelty"]["novel_cells"] == counted["novelty"]["novel_cells"]
-    assert reports["val"]["labels"].get("unassigned", 0) < 0.1 * reports["val"]["cells"]
+    assert counted["novelty"]["novel_cells"] > 0.9 * counted["cells"] and counted["novelty"]["novel_cells"] == auto["novelty"]["novel_cells"]
+    calls = pd.read_csv(tmp_path / "auto.csv", keep_default_na=False)
+    assert list(calls["novel"]) == list(calls["novelty_p"] <= 0.1)
+    assert list(calls["label"] == "unassigned") == list(calls["novel"] | (calls["set_size"] == 0))  # novel, or an empty set
+    assert list(pd.read_csv(tmp_path / "counted.csv", keep_default_na=False)["label"] == "unassigned") == list(calls["set_size"] == 0)
+    assert reports["val"]["labels"].get("unassigned", 0) < 0.3 * reports["val"]["cells"]
     assert reports["loose"]["novelty"]["novel_cells"] == 0 and "unassigned" not in reports["loose"]["labels"]
-    calls = pd.read_csv(tmp_path / "auto.csv")
-    assert (calls["novelty"][calls["label"] == "unassigned"] > min(novelty["limits"].values())).all()
+    # 42 calibration cells: no p-value reaches the default 0.01, and the report says so rather than a reassuring 0
+    assert reports["default"]["novelty"]["novel_cells"] == 0 and "only 42 calibration cells" in reports["default"]["novelty"]["rule"]
 
 
-def test_max_novelty_errors_and_models_without_limits(exported, small_data, tmp_path):
-    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--max-novelty", "far")
-    assert code != 0 and "max_novelty 'far'" in stderr and "(see --max-novelty)" in stderr and "Traceback" not in stderr
-    older = onnx.load(str(exported))  # a model exported before scl stored novelty limits
-    kept = [p for p in older.metadata_props if p.key not in ("scl.novelty_limits", "scl.content_sha256")]
+def metadata_without(model, path, drop=(), add=None):
+    """The model as an earlier scl exported it: some metadata keys absent (content digest too), others added."""
+    older = onnx.load(str(model))
+    kept = [p for p in older.metadata_props if p.key not in (*drop, "scl.content_sha256")]
     del older.metadata_props[:]
     older.metadata_props.extend(kept)
-    onnx.save(older, str(tmp_path / "older.onnx"))
-    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", tmp_path / "older.onnx", "--output", tmp_path / "x.csv", "--max-novelty", "auto")
+    for key, value in (add or {}).items():
+        older.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(older, str(path))
+    return path
+
+
+def test_max_novelty_errors_and_models_exported_before(exported, small_data, tmp_path):
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--max-novelty", "far")
+    assert code != 0 and "max_novelty 'far'" in stderr and "(see --max-novelty)" in stderr and "Traceback" not in stderr
+    for bad in ("0", "1", "-0.1", "nan"):
+        code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "x.csv", "--alpha", bad)
+        assert code != 0 and "between 0 and 1" in stderr and "(see --alpha)" in stderr and not (tmp_path / "x.csv").exists()
+    # exported before calibration: per-class novelty limits, no calibration cells
+    limits = [0.05] * 7
+    before_calibration = metadata_without(exported, tmp_path / "limits.onnx", ("scl.calibration",),
+                                          {"scl.novelty_limits": {"values": limits, "quantile": 0.99, "from": "training and held-out cells"}})
+    annotate(small_data / "val.h5ad", "--model", before_calibration, "--output", tmp_path / "l.csv", "--max-novelty", "auto")
+    calls = pd.read_csv(tmp_path / "l.csv", keep_default_na=False)
+    assert "novelty_p" not in calls and "prediction_set" not in calls
+    assert list(calls["novel"]) == list(calls["novelty"] > 0.05) and list(calls["label"] == "unassigned") == list(calls["novel"])
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", before_calibration, "--output", tmp_path / "x.csv", "--alpha", "0.05")
+    assert code != 0 and "carries no calibration cells" in stderr and "Traceback" not in stderr and not (tmp_path / "x.csv").exists()
+    assert stderr.strip().splitlines()[-1].startswith("Error:")  # after the one-line note that the model predates content digests
+    # exported before novelty limits too
+    older = metadata_without(exported, tmp_path / "older.onnx", ("scl.calibration",))
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", older, "--output", tmp_path / "x.csv", "--max-novelty", "auto")
     assert code != 0 and "carries no novelty limits" in stderr and not (tmp_path / "x.csv").exists()
-    annotate(small_data / "val.h5ad", "--model", tmp_path / "older.onnx", "--output", tmp_path / "x.csv", "--report", tmp_path / "x.json")
-    assert json.loads((tmp_path / "x.json").read_text())["novelty"] == {"limits": None, "novel_cells": None, "unassigned_if_novel": False}
+    annotate(small_data / "val.h5ad", "--model", older, "--output", tmp_path / "x.csv", "--report", tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text())["novelty"] == {"rule": None, "novel_cells": None, "unassigned_if_novel": False}
 
 
 def test_input_is_never_modified(pbmc_path, exported, tmp_path):
@@ -180,23 +207,27 @@ def test_input_is_never_modified(pbmc_path, exported, tmp_path):
 
 
 def test_novelty_equals_an_independent_computation_and_scl_trains_count(exported, run_dir, small_data, tmp_path):
-    """scl_novelty and scl_novel recomputed from the embedding, unit centroids from the model's metadata and each
-    cell's own label and limit; the novel share on the training cells is the one scl-train recorded."""
+    """scl_novelty and scl_novelty_p recomputed from the embedding, the model's unit centroids and its calibration
+    distances (each cell against the calibration cells predicted as its label, or all of them where those are too
+    few for alpha); the novel share on the validation cells is the one scl-train recorded."""
     from scl.runtime import model_metadata
 
-    train = small_data / "train.h5ad"
-    annotate(train, "--model", exported, "--output", tmp_path / "t.h5ad", "--probabilities")
+    val = small_data / "val.h5ad"
+    annotate(val, "--model", exported, "--output", tmp_path / "t.h5ad", "--probabilities", "--alpha", "0.1")
     out = ad.read_h5ad(tmp_path / "t.h5ad")
     meta = model_metadata.decode({p.key: p.value for p in onnx.load(str(exported)).metadata_props}, "model")
     centroids = np.asarray(meta["centroids"], dtype=np.float64)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    limits = np.asarray(meta["novelty_limits"]["values"])
     label = out.obsm["scl_probabilities"].argmax(1)
-    assert [meta["classes"][i] for i in label] == list(out.obs["scl_label"])
     distance = 1 - np.sum(out.obsm["X_scl"] * centroids[label], axis=1)
     np.testing.assert_allclose(out.obs["scl_novelty"], distance, atol=1e-5)
-    assert list(out.obs["scl_novel"]) == list(distance > limits[label])
-    recorded = json.loads((run_dir / "metrics.json").read_text())["novelty"]["training_share_beyond"]
+    groups = [np.asarray(d) for d in meta["calibration"]["class_distances"]]
+    everyone = np.concatenate(groups)
+    for d, k, p in zip(out.obs["scl_novelty"], label, out.obs["scl_novelty_p"]):
+        reference = groups[k] if (len(groups[k]) + 1) * 0.1 >= 1 else everyone
+        assert p == pytest.approx((1 + np.sum(reference >= d)) / (len(reference) + 1), abs=1e-6)
+    assert list(out.obs["scl_novel"]) == list(out.obs["scl_novelty_p"] <= 0.1)
+    recorded = json.loads((run_dir / "metrics.json").read_text())["calibration"]["novel_share"]["validation"]["0.1"]
     assert round(out.obs["scl_novel"].mean(), 4) == recorded
 
 

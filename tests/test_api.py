@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from fastapi.testclient import TestClient
 
 import scl
+from scl.runtime.annotator import AnnotateOptions
 from scl.runtime.serve import create_app
 
 from conftest import run
@@ -59,7 +60,8 @@ def test_anndata_in_memory_matches_scl_annotate(layout, exported, pbmc_small, cl
     annotated = scl.annotate(adata, exported, copy=True, progress=False)
     assert adata.obs.columns.tolist() == before.obs.columns.tolist() and "X_scl" not in adata.obsm  # copy=True leaves it alone
     assert list(annotated.obs["scl_label"]) == list(cli_calls.obs["scl_label"])
-    np.testing.assert_allclose(annotated.obsm["scl_probabilities"], cli_calls.obsm["scl_probabilities"], atol=1e-6)
+    # float32 rounding of the two reading paths, magnified by the calibration temperature (logits / T, T < 1 here)
+    np.testing.assert_allclose(annotated.obsm["scl_probabilities"], cli_calls.obsm["scl_probabilities"], atol=1e-5)
     np.testing.assert_allclose(annotated.obsm["X_scl"], cli_calls.obsm["X_scl"], atol=1e-6)
     # the same obs columns, in the same order, as the h5ad output
     assert [c for c in annotated.obs.columns if c.startswith("scl_")] == [c for c in cli_calls.obs.columns if c.startswith("scl_")]
@@ -97,10 +99,10 @@ def test_matrices_and_dataframes_through_the_annotator(annotator, pbmc_small, cl
                          (frame, {}), (sparse_frame, {})):
         result = annotator.annotate(data, progress=False, batch_size=50, **kwargs)  # 3 blocks, in flight at once
         assert list(result.predicted_labels) == expected, type(data)
-        np.testing.assert_allclose(result.probabilities, cli_calls.obsm["scl_probabilities"], atol=1e-6)
+        np.testing.assert_allclose(result.probabilities, cli_calls.obsm["scl_probabilities"], atol=1e-5)
     assert list(result.cell_ids) == list(pbmc_small.obs_names)
     table = result.to_frame(probabilities=True)
-    assert list(table.columns[:len(annotator.columns)]) == [c.name for c in annotator.columns] and table.index.name == "cell_id"
+    assert list(table.columns[:len(annotator.columns())]) == [c.name for c in annotator.columns()] and table.index.name == "cell_id"
     assert f"p_{annotator.classes[0]}" in table.columns and len(table) == 119
     np.testing.assert_allclose(annotator.embed(csr, genes=genes, progress=False), cli_calls.obsm["X_scl"], atol=1e-6)
     standalone = result.to_adata()
@@ -136,19 +138,23 @@ def test_a_big_sparse_matrix_is_never_made_dense(exported, pbmc_path):
 
 
 def test_server_answers_equal_the_api(exported, annotator, pbmc_small):
-    result = annotator.annotate(pbmc_small, progress=False)
+    result = annotator.annotate(pbmc_small, alpha=0.1, progress=False)
     client = TestClient(create_app(scl.Annotator(exported, session_threads=0)))
     cells = []
     for i in range(5):
         row = pbmc_small.X[i].toarray()[0]
         cells.append({g: float(v) for g, v in zip(pbmc_small.var_names, row) if v})
-    answers = client.post("/predict_batch", json={"cells": cells, "top_k": 7}).json()["cells"]
+    answers = client.post("/predict_batch", json={"cells": cells, "top_k": 7, "alpha": 0.1}).json()["cells"]
     frame = result.to_frame()
+    columns = annotator.columns(AnnotateOptions(alpha=0.1))
+    assert {"novelty_p", "prediction_set", "set_size"} <= {c.name for c in columns}
     for i, answer in enumerate(answers):
-        for column in annotator.columns:
+        for column in columns:
             expected = frame[column.name].iloc[i]
             if column.kind == "float":
                 assert answer[column.name] == pytest.approx(float(expected), abs=1e-6)
+            elif column.kind == "set":
+                assert answer[column.name] == [name for name in expected.split("|") if name] and len(answer[column.name]) == answer["set_size"]
             else:
                 assert answer[column.name] == {"bool": bool, "int": int}.get(column.kind, str)(expected)
         probs = {t["label"]: t["probability"] for t in answer["top"]}

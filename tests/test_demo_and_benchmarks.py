@@ -60,7 +60,7 @@ def test_benchmark_smoke_run(tmp_path, scimilarity_genes):
     assert variants["onnxruntime_fp32"]["label_agreement_with_torch"] == 1.0 and variants["onnxruntime_fp32"]["max_abs_diff_embedding"] < 1e-4
     assert 0 < result["celltypist"]["macro_f1"] <= 1 and result["celltypist"]["cells_per_second"] > 0
     assert [v["cells"] for v in result["novelty"].values()] == [60, 466, 559]  # smoke: 300 PBMCs, a fifth held out
-    assert all(0 <= v["share_beyond_novelty_limits"] <= 1 for v in result["novelty"].values())
+    assert all(0 <= v["share_novel"] <= 1 for v in result["novelty"].values())
     cost = result["training_cost"]["methods"]
     assert cost["lora"]["trainable_parameters"] < cost["full"]["trainable_parameters"]
     assert all(m["seconds_per_epoch"] > 0 and m["peak_rss_mb"] >= m["rss_before_training_mb"] * 0.5 for m in cost.values())
@@ -88,3 +88,17 @@ def test_api_scale_smoke_run(tmp_path, scimilarity_genes):
     assert [s["cells"] for s in result["scale"]] == [500, 1000]
     assert [s["clusters"] for s in result["scale"]] == [23, 32]  # ceil(sqrt(cells)): the automatic over-clustering ran
     assert "Annotator.annotate" in next(tmp_path.glob("*-api-smoke.md")).read_text()
+
+
+def test_calibration_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "calibration.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-calibration-smoke.json")).read_text())
+    runs = list(result["pbmc"].values())
+    assert [(p["holdout"], p["optimistic_warning"]) for p in runs] == [(0.2, False), (0.0, True)]  # only the base that saw every cell warns
+    for p in runs:
+        assert p["new_cells"]["cells"] == 210 and set(p["new_cells"]["alphas"]) == {"0.05", "0.1"}
+        assert all(0 <= m["coverage"] <= 1 and m["mean_set_size"] >= 0 for m in p["new_cells"]["alphas"].values())
+    assert set(result["pancreas"]) == {"baron -> segerstolpe", "segerstolpe -> baron"}
+    assert all(0 < p["celltypist"]["macro_f1"] <= 1 and 0 < p["scl"]["macro_f1"] <= 1 for p in result["pancreas"].values())
+    assert "Across technologies" in next(tmp_path.glob("*-calibration-smoke.md")).read_text()

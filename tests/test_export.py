@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from scl.export.graph import AnnotationModel
+from scl.export.graph import annotation_model
 from scl.export.onnx_file import weights_digest
 from scl.runtime import model_metadata
 from scl.train.run_dir import load_run
@@ -45,7 +45,9 @@ def test_graph_inputs_outputs_and_dynamic_batch(exported, run_dir):
     assert [i.name for i in session.get_inputs()] == ["counts", "input_is_lognorm"]
     assert [o.name for o in session.get_outputs()] == ["probabilities", "embedding"]
     trained = load_run(run_dir)
-    module = AnnotationModel(trained.model.encoder, trained.head).eval()
+    module = annotation_model(trained)
+    temperature = json.loads((run_dir / "calibration.json").read_text())["temperature"]
+    assert temperature != 1.0
     rng = np.random.default_rng(1)
     for n in (1, 3, 257):
         counts = rng.poisson(0.5, size=(n, 28231)).astype(np.float32)
@@ -54,6 +56,9 @@ def test_graph_inputs_outputs_and_dynamic_batch(exported, run_dir):
             t_probs, t_emb = module(torch.from_numpy(counts), torch.zeros(1))
         assert probs.shape == (n, 7) and emb.shape == (n, 16)
         np.testing.assert_allclose(probs, t_probs.numpy(), atol=1e-5)
+        with torch.no_grad():  # calibrated: softmax(head(embedding) / T), T from the run's calibration
+            calibrated = torch.softmax(trained.head(torch.from_numpy(emb)) / temperature, dim=1).numpy()
+        np.testing.assert_allclose(probs, calibrated, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 

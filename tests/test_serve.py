@@ -122,8 +122,11 @@ def test_real_uvicorn_process_on_loopback(exported, cells_and_labels):
 
 def test_cells_of_an_unknown_type_are_flagged_novel(client, small_data):
     brain = ad.read_h5ad(small_data / "brain.h5ad")
-    cells = client.post("/predict_batch", json=columnar(brain, 10)).json()["cells"]
-    assert sum(c["novel"] for c in cells) >= 9  # scl-train measured all of these brain cells beyond the PBMC limits
+    cells = client.post("/predict_batch", json=columnar(brain, 10) | {"alpha": 0.1}).json()["cells"]
+    assert sum(c["novel"] for c in cells) >= 9  # scl-train measured nearly all brain cells novel at 0.1
+    assert all(isinstance(c["prediction_set"], list) and len(c["prediction_set"]) == c["set_size"] for c in cells)
+    refused = client.post("/predict_batch", json=columnar(brain, 2) | {"alpha": 1.5})
+    assert refused.status_code == 422 and "alpha" in refused.text
 
 
 def test_a_cell_with_a_few_genes_is_unassigned_as_in_files_and_odd_values_are_refused(client):

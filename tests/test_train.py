@@ -40,7 +40,7 @@ def test_a_collapsed_embedding_is_called_narrow():
     from scl.train.pretrain import embedding_spread, narrow_embedding_warning
 
     rng = np.random.default_rng(0)
-    cells = LabelledCells(sp.csr_matrix(rng.poisson(1.0, (300, 50)).astype(np.float32)), np.array(["a", "b"] * 150), np.arange(300).astype(str), [])
+    cells = LabelledCells(sp.csr_matrix(rng.poisson(1.0, (300, 50)).astype(np.float32)), np.array(["a", "b"] * 150), np.arange(300).astype(str), [], np.arange(300))
     encoder = Encoder(50, latent_dim=16, hidden_dim=(32,)).eval()
     spread = embedding_spread(encoder, cells)
     assert spread > 0.05 and narrow_embedding_warning(spread, 16) is None
@@ -198,3 +198,55 @@ def test_pretraining_twice_with_one_seed_gives_the_same_weights_bit_for_bit(tmp_
     done = subprocess.run([sys.executable, "-c", TWICE, str(tmp_path / "base_")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[0] == "True", done.stdout
+
+
+def test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those(base_dir, run_dir, small_data, tmp_path):
+    """pretrain.json names the held-out cells of each file by digest and obs position; scl-train, given the same file,
+    calibrates on exactly those and trains on none of them. A base with no record (official weights) never saw the
+    user's cells: a stratified split, no warning."""
+    import shutil
+
+    from scl.runtime.expression import ReadOptions
+    from scl.train.data import file_digest, load_labelled
+    from scl.train.roles import split_calibration
+
+    held = json.loads((base_dir / "pretrain.json").read_text())["held_out"]
+    train_file = next(f for f in held["files"] if f["path"].endswith("train.h5ad"))
+    assert held["share"] == 0.2 and train_file["sha256"] == file_digest(str(small_data / "train.h5ad"))
+    assert len(train_file["held_out_rows"]) == 42 and train_file["cells"] == 210  # 6 of each population's 30
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["cells"] == {"train": 168, "validation": 70, "calibration": 42}
+    cal = metrics["calibration"]
+    assert "held out" in cal["source"] and not cal["optimistic"] and set(cal["cells_per_class"].values()) == {6}
+    assert "## Calibration" in (run_dir / "report.md").read_text() and (run_dir / "reliability.png").is_file()
+
+    base = load_model_dir(base_dir)
+    cells = load_labelled(str(small_data / "train.h5ad"), base.gene_order, "cell_type")
+    config = FinetuneConfig(base_model=str(base_dir), data=str(small_data / "train.h5ad"), out="unused")
+    split = split_calibration(cells, config, base.gene_order, ReadOptions())
+    assert sorted(split.calibration.rows) == sorted(train_file["held_out_rows"])
+    assert not set(split.rest.rows) & set(split.calibration.rows) and len(split.rest) + len(split.calibration) == 210
+
+    official = tmp_path / "official"  # SCimilarity's own folder layout has no pretrain.json
+    shutil.copytree(base_dir, official)
+    (official / "pretrain.json").unlink()
+    split = split_calibration(cells, FinetuneConfig(base_model=str(official), data=config.data, out="unused"), base.gene_order, ReadOptions())
+    assert len(split.calibration) == 42 and not split.optimistic and "never saw" in split.source
+
+
+def test_a_base_that_saw_every_cell_warns_once_and_the_calibration_says_optimistic(small_data, tmp_path):
+    base, out = tmp_path / "base", tmp_path / "run"
+    code, _, stderr = run("scl-pretrain", "--data", small_data / "train.h5ad", "--out", base, "--hidden", "32", "--latent", "8",
+                          "--epochs", "1", "--holdout", "0")
+    assert code == 0, stderr
+    code, stdout, stderr = run("scl-train", "--base-model", base, "--data", small_data / "train.h5ad", "--out", out, "--epochs", "1", "--quiet")
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "calibration is optimistic" in line]
+    assert len(warnings) == 1 and "pretrained on every cell of train.h5ad" in warnings[0] and "--holdout" in warnings[0]
+    assert "OPTIMISTIC" in stdout and "OPTIMISTIC" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["calibration"]["optimistic"] is True
+    code, _, stderr = run("scl-export", out, "--out", tmp_path / "m.onnx", "--sample-cells", "16")
+    assert code == 0, stderr
+    code, stdout, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", tmp_path / "m.onnx", "--output", tmp_path / "c.csv", "--alpha", "0.1")
+    assert code == 0, stderr
+    assert "calibration cells were in its base model's training data, so it is optimistic" in stdout

@@ -21,6 +21,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     triplet_weight: float = 0.001  # loss = w * triplet + (1 - w) * MSE, as SCimilarity mixes them
     margin: float = 0.05
+    holdout: float = 0.2  # share of each file's cells (per label) kept out of training, for scl-train to calibrate on
     min_genes: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -41,6 +42,8 @@ class FinetuneConfig:
     out: str = "run"
     val_data: str | None = None
     val_fraction: float = 0.2
+    calibration_data: str | None = None  # cells used only to calibrate; default: the cells of `data` the base held out
+    calibration_fraction: float = 0.2  # split off `data` when the base keeps no held-out cells of it
     rank: int = 8
     alpha: int = 16
     lora_dropout: float = 0.1

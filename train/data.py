@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -23,16 +24,22 @@ class LabelledCells:
     labels: np.ndarray  # strings
     cell_ids: np.ndarray
     reading: list[dict]  # what each file's reader reported
+    rows: np.ndarray  # each cell's position in its file's obs: how pretrain.json names the cells it held out
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def subset(self, index) -> "LabelledCells":
-        return LabelledCells(self.x[index], self.labels[index], self.cell_ids[index], self.reading)
+        return LabelledCells(self.x[index], self.labels[index], self.cell_ids[index], self.reading, self.rows[index])
+
+    @staticmethod
+    def concat(parts: list["LabelledCells"]) -> "LabelledCells":
+        return LabelledCells(sp.vstack([p.x for p in parts]).tocsr(), np.concatenate([p.labels for p in parts]),
+                             np.concatenate([p.cell_ids for p in parts]), [r for p in parts for r in p.reading], np.concatenate([p.rows for p in parts]))
 
 
 def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None) -> LabelledCells:
-    parts, labels, ids, reading = [], [], [], []
+    parts, labels, ids, reading, rows = [], [], [], [], []
     for path in [paths] if isinstance(paths, str) else paths:
         with ExpressionSource(str(path), gene_order, options) as src:
             if not hasattr(src.matrix, "obs_column"):
@@ -45,6 +52,7 @@ def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None
                 log.warning(f"{path}: {int(missing.sum()):,} of {len(missing):,} cells have no label in obs[{label_key!r}] "
                             f"(missing, or spelled like {sorted({str(v) for v in file_labels[missing]})[:3]}); they are left out")
             labels.append(file_labels[~missing].astype(str))
+            rows.append(np.flatnonzero(~missing))
             start = 0
             for block_ids, x in src.blocks():
                 keep = ~missing[start : start + len(block_ids)]
@@ -52,7 +60,15 @@ def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None
                 ids.append(block_ids[keep])
                 start += len(block_ids)
             reading.append(src.describe())
-    return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading)
+    return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading, np.concatenate(rows))
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def gene_union(paths, options: ReadOptions | None = None) -> list[str]:
@@ -76,6 +92,17 @@ def refuse_tiny_classes(labels: np.ndarray, where: str, minimum: int = 2) -> Non
             f"{where}: class {', '.join(small)} has fewer than {minimum} cells, too few to split and to form triplets; "
             "remove or merge it before training."
         )
+
+
+def stratified_holdout(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """bool mask: `share` of each label's cells (rounded; at least one left out of it where there are two or more)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        cells = np.flatnonzero(labels == label)
+        n = min(int(round(share * len(cells))), len(cells) - 1)
+        held[rng.permutation(cells)[:max(n, 0)]] = True
+    return held
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):

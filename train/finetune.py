@@ -11,7 +11,6 @@ adapted embedding; that term keeps the embedding close to the base model's (less
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from pathlib import Path
 
@@ -27,12 +26,17 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled, log, refuse_tiny_classes
+from scl.runtime.calls import cosine_distance
+from scl.runtime.conformal import Calibration
+
+from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
+from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled, log, refuse_tiny_classes
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
-from .novelty import QUANTILE, class_centroids, novelty_limits, share_beyond
+from .novelty import class_centroids, unit
+from .roles import CalibrationSplit, split_calibration
 from .run_dir import prepare_run_dir, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
@@ -61,14 +65,6 @@ def split(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> 
         np.arange(len(cells)), test_size=config.val_fraction, stratify=cells.labels, random_state=config.seed
     )
     return cells.subset(np.sort(train_idx)), cells.subset(np.sort(val_idx))
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LoraClassifier:
@@ -115,8 +111,11 @@ class LoraClassifier:
         return {"trainable": enc_trainable + head, "lora": enc_trainable, "head": head, "total": total}
 
     @torch.no_grad()
+    def logits(self, z: np.ndarray, device) -> np.ndarray:
+        return self.head(torch.from_numpy(z).to(device)).float().cpu().numpy()
+
     def probabilities(self, z: np.ndarray, device) -> np.ndarray:
-        return torch.softmax(self.head(torch.from_numpy(z).to(device)).float(), dim=1).cpu().numpy()
+        return torch.softmax(torch.from_numpy(self.logits(z, device)), dim=1).numpy()
 
 
 class FullFinetuneClassifier(LoraClassifier):
@@ -195,17 +194,23 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
     options = ReadOptions(min_genes=config.min_genes)
     cells = load_labelled(config.data, base.gene_order, config.label_key, options)
     refuse_tiny_classes(cells.labels, config.data)
-    train, val = split(cells, config, base.gene_order, options)
+    held = split_calibration(cells, config, base.gene_order, options)
+    refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
+    train, val = split(held.rest, config, base.gene_order, options)
     classes = sorted(np.unique(train.labels))
-    unknown = sorted(set(val.labels) - set(classes))
-    if unknown:
-        raise SclError(f"{config.val_data}: validation labels {unknown} never occur in the training data; drop those cells or add training cells.")
+    for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
+        unknown = sorted(set(cells_of.labels) - set(classes))
+        if unknown:
+            raise SclError(f"{path}: {what} labels {unknown} never occur in the training data; drop those cells or add training cells.")
+    uncalibrated = sorted(set(classes) - set(held.calibration.labels))
+    if uncalibrated:
+        log.warning(f"warning: no calibration cells of {', '.join(map(repr, uncalibrated))}: their prediction sets and novelty use all calibration cells pooled")
     absent = sorted(set(classes) - set(val.labels))
     if absent:
         log.warning(f"warning: the validation cells include no {', '.join(repr(str(c)) for c in absent)}: macro-F1 (which picks the best epoch) "
                     f"is over the {len(classes) - len(absent)} classes they hold; add validation cells of every class to judge all of them")
     index = {c: i for i, c in enumerate(classes)}
-    return train, val, classes, np.array([index[c] for c in train.labels]), np.array([index[c] for c in val.labels])
+    return train, val, held, classes, *(np.array([index[c] for c in part.labels], dtype=int) for part in (train, val, held.calibration))
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
@@ -213,7 +218,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
     device = resolve_device(config.device)
     base = load_model_dir(config.base_model)
-    train, val, classes, y_train, y_val = load_data(config, base)
+    train, val, held, classes, y_train, y_val, y_cal = load_data(config, base)
     z_train_base = embed(base.encoder.to(device), train.x, device)
     z_val_base = embed(base.encoder, val.x, device)
     probe = linear_probe(z_train_base, y_train, z_val_base, len(classes), config.seed)
@@ -239,24 +244,20 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     methods["lora"] = classification_metrics(y_val, model.probabilities(z_val, device), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     z_train = embed(merged, train.x, device)
     centroids = class_centroids(z_train, y_train, len(classes))
-    limits = novelty_limits(centroids, (z_train, y_train), (z_val, y_val))
-
-    def predicted(z: np.ndarray) -> np.ndarray:
-        return model.probabilities(z, device).argmax(axis=1)
+    calibration, calibration_metrics = calibrate_run(model, merged, centroids, held, y_cal, classes, config, device)
+    calibration_metrics["novel_share"] = {"validation": novelty_shares(model, calibration, centroids, z_val, device)}
 
     metrics = {
         "config": config.to_dict(),
         "device": str(device),
-        "cells": {"train": len(train), "validation": len(val)},
+        "cells": {"train": len(train), "validation": len(val), "calibration": len(held.calibration)},
         "classes": classes,
         "parameters": counts,
         "best_epoch": best_epoch,
         "history": history,
         "sanity_checks": checks,
         "methods": methods,
-        "novelty": {"quantile": QUANTILE, "limits": dict(zip(classes, limits.round(5).tolist())),
-                    "training_share_beyond": share_beyond(z_train, predicted(z_train), centroids, limits),
-                    "validation_share_beyond": share_beyond(z_val, predicted(z_val), centroids, limits)},
+        "calibration": calibration_metrics,
         "genes": {k: v for k, v in train.reading[0]["genes"].items() if not k.startswith("examples")},
         "training_data_sha256": file_digest(config.data),
         "base_model_encoder_sha256": file_digest(str(Path(config.base_model) / "encoder.ckpt")),
@@ -265,10 +266,35 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         metrics["ablation"] = ablation_rows(results, y_val, val, classes, config.margin, device)
     if config.forgetting_data:
         metrics["forgetting"], z_other = forgetting(config, base, merged, device)
-        metrics["novelty"]["forgetting_data_share_beyond"] = share_beyond(z_other, predicted(z_other), centroids, limits)
+        calibration_metrics["novel_share"]["forgetting_data"] = novelty_shares(model, calibration, centroids, z_other, device)
     tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
-    write_run(out_dir, tuned, model.head.cpu(), centroids, limits, metrics)
+    write_run(out_dir, tuned, model.head.cpu(), centroids, calibration, metrics)
     return metrics
+
+
+def calibrate_run(model: LoraClassifier, merged, centroids: np.ndarray, held: CalibrationSplit, y_cal: np.ndarray, classes: list[str],
+                  config: FinetuneConfig, device) -> tuple[Calibration, dict]:
+    """Temperature and conformal scores from the calibration cells, and what they measure (cross-fitted)."""
+    z = embed(merged, held.calibration.x, device)
+    logits = model.logits(z, device)
+    distances = cosine_distance(z, unit(centroids), logits.argmax(axis=1))
+    calibration = calibrate(logits, y_cal, distances, len(classes), optimistic=held.optimistic, source=held.source)
+    accuracy = classification_metrics(y_cal, model.probabilities(z, device), classes)
+    return calibration, {
+        "source": held.source, "optimistic": held.optimistic, "cells": len(y_cal), "temperature": round(calibration.temperature, 4),
+        "cells_per_class": dict(zip(classes, np.bincount(y_cal, minlength=len(classes)).tolist())),
+        "lora_on_calibration_cells": {k: accuracy[k] for k in ("top1", "macro_f1", "balanced_accuracy")},
+        "cross_fitted": cross_fitted(logits, y_cal, distances, len(classes), config.seed),
+    }
+
+
+def novelty_shares(model: LoraClassifier, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, device) -> dict:
+    """Share of cells flagged novel at each reported alpha (and at the runtime's default level)."""
+    from scl.runtime.calls import NOVELTY_ALPHA
+
+    probs = model.probabilities(z, device)
+    distances = cosine_distance(z, unit(centroids), probs.argmax(axis=1))
+    return {str(a): novel_share(calibration, probs, distances, a) for a in sorted({NOVELTY_ALPHA, *ALPHAS})}
 
 
 def ablation_rows(results: dict, y_val, val, classes, margin: float, device) -> dict:

@@ -16,8 +16,13 @@ from .config import LOSSES, FinetuneConfig
   scl-train --base-model my_base --data demo_out/data/pbmc_train.h5ad --label-key cell_type \\
       --val-data demo_out/data/pbmc_heldout.h5ad --forgetting-data train/demo_data/brain_demo.h5ad --out my_run
 
+Three roles never share a cell: training, validation (picks the epoch) and calibration
+(temperature, prediction sets, novelty p-values). Calibration cells are the ones the base held out
+(scl-pretrain --holdout) or --calibration-data; with a base that saw them all it warns.
+
 RUN_DIR then holds model/ (merged encoder, SCimilarity format), adapter/ (peft), head.pt,
-classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export my_run --out my_model.onnx"""
+calibration.json, classes.json, metrics.json, report.md, confusion_*.png and reliability.png.
+Next: scl-export my_run --out my_model.onnx"""
 )
 @click.option("--base-model", required=True, type=click.Path(exists=True, file_okay=False), help="SCimilarity model directory (official v1.1 or from scl-pretrain).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled training .h5ad.")
@@ -25,6 +30,10 @@ classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export my_r
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN_DIR to write.")
 @click.option("--val-data", type=click.Path(exists=True, dir_okay=False), help="Labelled validation .h5ad; default: a stratified split of --data.")
 @click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--calibration-data", type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad used only to calibrate (temperature, "
+              "prediction sets, novelty); default: the cells of --data the base model held out (scl-pretrain --holdout), or a split of --data.")
+@click.option("--calibration-fraction", default=0.2, show_default=True, help="Share of --data split off for calibration when the base keeps "
+              "no held-out cells of it.")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", default=16, show_default=True, help="LoRA alpha.")
 @click.option("--lora-dropout", default=0.1, show_default=True, help="Dropout on the adapters' input (the base's own dropout stays off).")
@@ -46,6 +55,7 @@ classes.json, metrics.json, report.md and confusion_*.png. Next: scl-export my_r
 def main(quiet, ablation, **options):
     """Fine-tune a SCimilarity encoder with LoRA adapters and compare it with frozen-encoder baselines."""
     from .finetune import finetune
+    from .report import calibration_lines
 
     metrics = finetune(FinetuneConfig(**options), progress=not quiet, ablation=ablation)
     p = metrics["parameters"]
@@ -53,10 +63,8 @@ def main(quiet, ablation, **options):
     click.echo(f"{'method':<14}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
     for name, m in metrics["methods"].items():
         click.echo(f"{name:<14}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
-    novelty = metrics["novelty"]
-    other = f", forgetting data {100 * novelty['forgetting_data_share_beyond']:.1f}%" if "forgetting_data_share_beyond" in novelty else ""
-    click.echo(f"beyond the novelty limits: training {100 * novelty['training_share_beyond']:.1f}%, validation "
-               f"{100 * novelty['validation_share_beyond']:.1f}%{other} of cells")
+    for line in calibration_lines(metrics):
+        click.echo(line)
     checks = metrics["sanity_checks"]
     click.echo(f"sanity checks {'passed' if checks['passed'] else 'FAILED'}: {checks}")
     click.echo(f"wrote {options['out']}/ (report.md, metrics.json, model/, adapter/, head.pt)")

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import PretrainConfig
-from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes
+from .data import LabelledCells, batches, dense, embed, file_digest, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
@@ -31,14 +32,29 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
     seed_everything(config.seed)
     device = resolve_device(config.device)
     options = ReadOptions(min_genes=config.min_genes)
+    if not 0 <= config.holdout < 1:
+        raise SclError(f"--holdout {config.holdout}: give the share of cells to keep out, from 0 up to (not including) 1, such as 0.2.")
     genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
-    cells = load_labelled(config.data, genes, config.label_key, options)
+    cells, held_out = hold_out(config, genes, options)
     refuse_tiny_classes(cells.labels, ", ".join(config.data))
     model, history = train_base(cells, genes, config, device, progress)
     save_model_dir(config.out, model)
-    summary = {"config": config.to_dict(), "history": history, "embedding_feature_std": embedding_spread(model.encoder, cells)}
+    summary = {"config": config.to_dict(), "history": history, "embedding_feature_std": embedding_spread(model.encoder, cells),
+               "held_out": held_out}
     (Path(config.out) / "pretrain.json").write_text(json.dumps(summary, indent=1))
     return model, summary
+
+
+def hold_out(config: PretrainConfig, genes: list[str], options: ReadOptions) -> tuple[LabelledCells, dict]:
+    """The training cells of every file, and pretrain.json's record of what was kept out: per file its SHA-256 and the
+    obs positions of the held-out cells, so that scl-train can calibrate on cells this base never saw."""
+    parts, files = [], []
+    for path in config.data:
+        cells = load_labelled(path, genes, config.label_key, options)
+        held = stratified_holdout(cells.labels, config.holdout, config.seed)
+        parts.append(cells.subset(~held))
+        files.append({"path": path, "sha256": file_digest(path), "cells": len(cells), "held_out_rows": cells.rows[held].tolist()})
+    return LabelledCells.concat(parts), {"share": config.holdout, "seed": config.seed, "files": files}
 
 
 def embedding_spread(encoder: Encoder, cells: LabelledCells, sample: int = 2048, seed: int = 0) -> float:

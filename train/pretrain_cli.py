@@ -35,22 +35,27 @@ label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--lr", default=5e-3, show_default=True, help="AdamW learning rate (SCimilarity's default).")
 @click.option("--triplet-weight", default=0.001, show_default=True, help="loss = w * triplet + (1 - w) * MSE.")
+@click.option("--holdout", default=0.2, show_default=True, help="Share of each file's cells (per label) kept out of training and recorded "
+              "in pretrain.json: scl-train calibrates on them. 0 trains on every cell (scl-train then warns that calibration is optimistic).")
 @click.option("--min-genes", type=int, help="Fewest model genes a file must have; default scales SCimilarity's 5,000 of 28,231.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @reports_input_errors
-def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, lr, triplet_weight, min_genes, seed, device):
+def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, lr, triplet_weight, holdout, min_genes, seed, device):
     """Pretrain an encoder and decoder on labelled cells (semi-hard triplets + reconstruction)."""
     from .pretrain import narrow_embedding_warning, pretrain  # torch loads here, not for --help
 
     config = PretrainConfig(
         data=list(data), label_key=label_key, out=out, gene_order=gene_order, hidden_dim=_ints(hidden), latent_dim=latent,
-        epochs=epochs, batch_size=batch_size, lr=lr, triplet_weight=triplet_weight, min_genes=min_genes, seed=seed, device=device,
+        epochs=epochs, batch_size=batch_size, lr=lr, triplet_weight=triplet_weight, holdout=holdout, min_genes=min_genes, seed=seed, device=device,
     )
     model, summary = pretrain(config)
     history, spread = summary["history"], summary["embedding_feature_std"]
     click.echo(f"wrote {out}: {len(model.gene_order)} genes -> {model.hidden_dim} -> {model.latent_dim}, {len(model.labels)} labels; "
                f"last epoch loss {history[-1]['loss'] if history else 'n/a'}; embedding per-feature std {spread:.4f}")
+    held = summary["held_out"]["files"]
+    click.echo(f"held out {sum(len(f['held_out_rows']) for f in held):,} of {sum(f['cells'] for f in held):,} cells ({holdout:.0%} per label and file; "
+               "recorded in pretrain.json): scl-train on these files calibrates on them")
     warning = narrow_embedding_warning(spread, latent)
     if warning:
         click.echo(warning, err=True)

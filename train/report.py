@@ -41,6 +41,63 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -
     plt.close(fig)
 
 
+def calibration_lines(metrics: dict) -> list[str]:
+    """What the calibration measured, one line each with what it means: scl-train prints them and report.md holds them."""
+    cal = metrics["calibration"]
+    fitted = cal["cross_fitted"]
+    lines = [f"calibration: {cal['source']}, used for nothing else; temperature {cal['temperature']:.2f}"
+             + ("; OPTIMISTIC: the base model was pretrained on these cells, so new cells will do worse than the numbers below" if cal["optimistic"] else "")]
+    if not fitted.get("folds"):
+        return lines + ["too few calibration cells of some type for cross-fitted measurements (fewer than 2): none reported"]
+    lines.append(f"confidence: expected calibration error {fitted['ece_before']['ece']:.3f} before and {fitted['ece_after']['ece']:.3f} after "
+                 "temperature scaling (0: a confidence of 0.9 is right 90% of the time)")
+    shares = cal["novel_share"]
+    for alpha, m in fitted["alphas"].items():
+        a = float(alpha)
+        lines.append(f"alpha {a:g}: prediction sets held the true type for {m['coverage']:.1%} of calibration cells (promised: at least {1 - a:.0%}; "
+                     f"lowest type {m['lowest_class_coverage']:.1%}); mean set size {m['mean_set_size']:.2f}, single {m['single']:.0%}, "
+                     f"empty {m['empty']:.1%}" + ("; DEGENERATE: most sets hold every type, so coverage says nothing" if m["degenerate"] else ""))
+        other = f", forgetting data {shares['forgetting_data'][alpha]:.1%} (types not trained on: ideally all)" if "forgetting_data" in shares else ""
+        lines.append(f"alpha {a:g}: flagged novel (novelty p <= {a:g}): calibration cells {m['novel_share']:.1%} (about {a:.0%} by construction), "
+                     f"validation cells {shares['validation'][alpha]:.1%}{other}")
+    return lines
+
+
+def plot_reliability(fitted: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for key, name in (("ece_before", "before"), ("ece_after", "after temperature scaling")):
+        bins = fitted[key]["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=f"{name} (ECE {fitted[key]['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability on {fitted['cells']} calibration cells (cross-fitted)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibration_section(run: Path, metrics: dict) -> list[str]:
+    cal = metrics["calibration"]
+    parts = ["\n## Calibration\n", "Calibration cells are used for nothing else: not for training, not for choosing the epoch. Every number "
+             "below is cross-fitted (each fifth of them judged by a calibration fitted on the other four fifths).\n"]
+    parts += [f"- {line}" for line in calibration_lines(metrics)]
+    on_cal = cal["lora_on_calibration_cells"]
+    parts.append(f"- accuracy on the calibration cells (calibration never changes a label; no stage trained on them): top-1 {on_cal['top1']:.4f}, "
+                 f"macro-F1 {on_cal['macro_f1']:.4f}")
+    parts += ["", _table(["class", "calibration cells"], [[c, n] for c, n in cal["cells_per_class"].items()])]
+    if cal["cross_fitted"].get("folds"):
+        plot_reliability(cal["cross_fitted"], run / "reliability.png")
+        parts.append("\n![reliability diagram](reliability.png)")
+    return parts
+
+
 def write_report(run: Path, metrics: dict) -> None:
     methods = metrics["methods"]
     classes = metrics["classes"]
@@ -60,14 +117,7 @@ def write_report(run: Path, metrics: dict) -> None:
         parts += [f"\n## Forgetting, on `{f['data']}` ({f['cells']} cells, not trained on)\n",
                   _table(["measure", "base", "fine-tuned"], [["k-NN label transfer accuracy", f["knn_transfer_accuracy_base"], f["knn_transfer_accuracy_finetuned"]],
                                                            ["mean cosine drift", 0.0, f["mean_cosine_drift"]]])]
-    novelty = metrics["novelty"]
-    rows = [["training cells", novelty["training_share_beyond"]], ["held-out cells of the trained types", novelty["validation_share_beyond"]]]
-    if "forgetting_data_share_beyond" in novelty:
-        rows.append([f"cells of `{metrics['forgetting']['data']}` (types not trained on)", novelty["forgetting_data_share_beyond"]])
-    parts += [f"\n## Novelty limits\n\nPer class, the larger {novelty['quantile']:.0%} quantile of its training and its held-out cells' cosine distance "
-              "to the class centroid (scl-annotate counts cells beyond it; --max-novelty auto labels them unassigned). Share of cells beyond "
-              "their predicted class's limit (a few percent for the trained types, by construction; nearly all for types never trained on):\n",
-              _table(["cells", "share beyond"], rows), "", _table(["class", "limit"], [[c, v] for c, v in novelty["limits"].items()])]
+    parts += calibration_section(run, metrics)
     parts += ["\n## Training history\n", _table(list(metrics["history"][0]), [list(r.values()) for r in metrics["history"]])]
     parts.append("\n## Confusion matrices\n")
     cfg = metrics["config"]

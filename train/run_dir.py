@@ -2,8 +2,9 @@
 
     model/          the merged encoder and the base decoder, SCimilarity format (label_ints = classes)
     adapter/        the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
-    head.pt         {"weight", "bias", "centroids", "novelty_limits"}: the classifier, per-class embedding centroids
-                    and how far from them each class's training cells reach (train/novelty.py)
+    head.pt         {"weight", "bias", "centroids"}: the classifier and per-class embedding centroids (runs from before
+                    calibration also hold "novelty_limits")
+    calibration.json  temperature and conformal scores of the calibration cells (runtime/conformal.py Calibration)
     classes.json    class names in the head's order
     metrics.json    everything measured (config, history, sanity checks, metrics per method, forgetting)
     report.md       the same for people, with confusion_<method>.png and confused_pairs_<method>.csv
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
 
 from .model_dir import SCimilarityModel, load_model_dir, save_model_dir
@@ -30,7 +32,8 @@ class TrainedRun:
     centroids: np.ndarray
     classes: list[str]
     metrics: dict
-    novelty_limits: np.ndarray | None = None  # None in runs written before scl stored them
+    novelty_limits: np.ndarray | None = None  # only in runs written before calibration (and after limits were stored)
+    calibration: Calibration | None = None  # None in runs written before calibration
 
 
 def prepare_run_dir(path) -> Path:
@@ -41,13 +44,13 @@ def prepare_run_dir(path) -> Path:
     return path
 
 
-def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, novelty_limits: np.ndarray, metrics: dict) -> None:
+def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, calibration: Calibration, metrics: dict) -> None:
     from .report import write_report
 
     save_model_dir(path / "model", model)
-    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-             "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32)), "novelty_limits": torch.from_numpy(np.asarray(novelty_limits, dtype=np.float32))}
+    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(), "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32))}
     torch.save(state, path / "head.pt")
+    (path / "calibration.json").write_text(json.dumps(calibration.to_metadata()) + "\n")
     (path / "classes.json").write_text(json.dumps(model.labels, indent=1) + "\n")
     write_report(path, metrics)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")  # last: its presence marks a finished run
@@ -73,4 +76,17 @@ def load_run(path) -> TrainedRun:
     if len(classes) != head.out_features or head.in_features != model.latent_dim:
         raise SclError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
     limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
-    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()), limits)
+    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()), limits, read_calibration(path, len(classes)))
+
+
+def read_calibration(path: Path, n_classes: int) -> Calibration | None:
+    file = path / "calibration.json"
+    if not file.is_file():
+        return None
+    try:
+        calibration = Calibration.from_metadata(json.loads(file.read_text()))
+    except (ValueError, KeyError, TypeError):
+        raise SclError(f"{file}: not the calibration scl-train writes; train again or copy the run again.") from None
+    if len(calibration.class_scores) != n_classes or len(calibration.class_distances) != n_classes:
+        raise SclError(f"{file}: calibrates {len(calibration.class_scores)} classes but the run has {n_classes}; train again.")
+    return calibration

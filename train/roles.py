@@ -1,0 +1,78 @@
+"""Which cells scl-train trains on, chooses its epoch on, and calibrates on: three roles that never share a cell.
+
+Calibration cells must be new to every stage, the base model included: cells the base was pretrained on sit closer
+to their class in its embedding than new cells do, so limits and thresholds set on them are too tight for new data
+(measured: --max-novelty auto flagged a quarter of new cells of known types instead of about 1%). scl-pretrain records
+per file which cells it held out (pretrain.json); scl-train recognises the file by its SHA-256 and calibrates on
+those. A base with no pretrain.json (the official SCimilarity weights) never saw the user's cells.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scl.runtime.errors import SclError
+
+from .config import FinetuneConfig
+from .data import LabelledCells, file_digest, load_labelled, log, stratified_holdout
+
+
+@dataclass
+class CalibrationSplit:
+    rest: LabelledCells  # for training and validation, split later
+    calibration: LabelledCells  # for calibration only
+    source: str  # where the calibration cells came from, in words
+    optimistic: bool  # the base model was pretrained on the calibration cells
+
+
+def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarray | None:
+    """True for the cells of `path` the base model was not pretrained on; None where the base keeps no record of
+    this file (official weights, or a file it was not built from)."""
+    record = Path(base_model) / "pretrain.json"
+    if not record.is_file():
+        return None
+    summary = json.loads(record.read_text())
+    if "held_out" not in summary:  # built before scl recorded its hold-out: it trained on every cell of its files
+        same_name = any(Path(p).name == Path(path).name for p in summary.get("config", {}).get("data", []))
+        return np.zeros(len(cells), dtype=bool) if same_name else None
+    digest = file_digest(path)
+    for entry in summary["held_out"]["files"]:
+        if entry["sha256"] == digest:
+            return np.isin(cells.rows, entry["held_out_rows"])
+    return None
+
+
+def optimistic_warning(path: str) -> str:
+    return (f"warning: the base model was pretrained on every cell of {Path(path).name} (its pretrain.json holds none of them out), so the "
+            "calibration cells are not new to it and its calibration is optimistic: on new cells expect prediction sets to cover less and "
+            "more cells to be flagged novel than promised; pretrain with --holdout 0.2 or give --calibration-data with cells the base never saw.")
+
+
+def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
+    """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation."""
+    if not 0 < config.calibration_fraction < 1:
+        raise SclError(f"--calibration-fraction {config.calibration_fraction}: give a share between 0 and 1, such as 0.2.")
+    if config.calibration_data:
+        calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options)
+        unseen = base_never_saw(config.base_model, config.calibration_data, calibration)
+        name = Path(config.calibration_data).name
+        if unseen is None or unseen.all():
+            return CalibrationSplit(cells, calibration, f"{len(calibration):,} cells of {name} (--calibration-data)", False)
+        if unseen.any():
+            log.warning(f"the base model was pretrained on {int((~unseen).sum()):,} of the cells of {name}: calibrating on the other {int(unseen.sum()):,}")
+            return CalibrationSplit(cells, calibration.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} (--calibration-data) the base held out", False)
+        log.warning(optimistic_warning(config.calibration_data))
+        return CalibrationSplit(cells, calibration, f"{len(calibration):,} cells of {name} (--calibration-data), all in the base's training data", True)
+    name = Path(config.data).name
+    unseen = base_never_saw(config.base_model, config.data, cells)
+    if unseen is not None and unseen.any():
+        return CalibrationSplit(cells.subset(~unseen), cells.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} the base model held out (pretrain.json)", False)
+    held = stratified_holdout(cells.labels, config.calibration_fraction, config.seed)
+    if unseen is None:
+        return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type), which the base never saw", False)
+    log.warning(optimistic_warning(config.data))
+    return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type), all in the base's training data", True)
