@@ -186,6 +186,11 @@ def test_max_novelty_errors_and_models_exported_before(exported, small_data, tmp
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", before_calibration, "--output", tmp_path / "x.csv", "--alpha", "0.05")
     assert code != 0 and "carries no calibration cells" in stderr and "Traceback" not in stderr and not (tmp_path / "x.csv").exists()
     assert stderr.strip().splitlines()[-1].startswith("Error:")  # after the one-line note that the model predates content digests
+    # calibration metadata that does not fit the model (a hand-edited file: no content digest to catch it)
+    bad = metadata_without(exported, tmp_path / "bad.onnx", ("scl.calibration",),
+                           {"scl.calibration": {"temperature": 1.0, "class_scores": [[0.1]], "class_distances": [[0.1]]}})
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", bad, "--output", tmp_path / "x.csv")
+    assert code != 0 and "scl.calibration does not hold calibration scores and distances for each of the 7 classes" in stderr
     # exported before novelty limits too
     older = metadata_without(exported, tmp_path / "older.onnx", ("scl.calibration",))
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", older, "--output", tmp_path / "x.csv", "--max-novelty", "auto")

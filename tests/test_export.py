@@ -78,6 +78,10 @@ def test_export_errors(run_dir, tmp_path):
     (broken / "head.pt").write_bytes(b"not a checkpoint")
     code, _, stderr = run("scl-export", broken, "--out", tmp_path / "m.onnx")
     assert code == 1 and "head.pt: not the head scl-train writes" in stderr and len(stderr.strip().splitlines()) == 1
+    shutil.copy(run_dir / "head.pt", broken / "head.pt")
+    (broken / "calibration.json").write_text('{"temperature": "warm"}')
+    code, _, stderr = run("scl-export", broken, "--out", tmp_path / "m.onnx")
+    assert code == 1 and "calibration.json: not the calibration scl-train writes" in stderr and len(stderr.strip().splitlines()) == 1
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "onnxruntime.py").write_text("raise ImportError('blocked', name='onnxruntime')\n")
     done = subprocess.run([BIN / "scl-export", run_dir, "--out", tmp_path / "m.onnx"], capture_output=True, text=True,

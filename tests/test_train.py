@@ -122,6 +122,8 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
         (dict(label_key="celltype"), "obs has no column 'celltype'"),
         (dict(min_genes=20000), "only 8228 of the model's 28231 genes"),
         (dict(loss="mse"), "--loss 'mse'"),
+        (dict(calibration_fraction=0), "--calibration-fraction 0: give a share between 0 and 1"),
+        (dict(calibration_data=str(tmp_path / "lonely.h5ad")), "calibration labels \\['lonely'\\] never occur in the training data"),
     ]
     if not torch.cuda.is_available():
         cases.append((dict(device="cuda"), "--device cuda was asked for but torch sees no CUDA GPU"))

@@ -92,10 +92,10 @@ def main(out, fast, seed, overwrite):
     step("4/5 export fp32 and int8 ONNX")
     export_main.main([str(out / "run"), "--out", str(out / "model.onnx"), "--quantize", "int8"], standalone_mode=False)
 
-    step("5/5 annotate held-out PBMCs and the unlabelled CSV with onnxruntime (fp32: see the int8 validation above)")
+    step("5/5 annotate held-out PBMCs (prediction sets at alpha 0.05) and the unlabelled CSV with onnxruntime (fp32)")
     annotator = Annotator(out / "model.onnx")
     reports = [
-        annotate_file(heldout, str(out / "pbmc_heldout.scl.h5ad"), annotator, ReadOptions(), AnnotateOptions(progress=False)),
+        annotate_file(heldout, str(out / "pbmc_heldout.scl.h5ad"), annotator, ReadOptions(), AnnotateOptions(progress=False, alpha=0.05)),
         annotate_file(demo_file("unlabelled_100cells.csv.gz"), str(out / "unlabelled.scl.csv"), annotator, ReadOptions(), AnnotateOptions(progress=False)),
     ]
     for report in reports:

@@ -199,7 +199,7 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
     train, val = split(held.rest, config, base.gene_order, options)
     classes = sorted(np.unique(train.labels))
     for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
-        unknown = sorted(set(cells_of.labels) - set(classes))
+        unknown = sorted(map(str, set(cells_of.labels) - set(classes)))
         if unknown:
             raise SclError(f"{path}: {what} labels {unknown} never occur in the training data; drop those cells or add training cells.")
     uncalibrated = sorted(set(classes) - set(held.calibration.labels))

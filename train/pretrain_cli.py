@@ -23,7 +23,9 @@ checkout after `make demo`; --triplet-weight 0.5 because a thousand cells are fe
       --triplet-weight 0.5 --epochs 15 --out my_base
 
 The directory it writes (encoder.ckpt, decoder.ckpt, layer_sizes.json, gene_order.tsv,
-label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model."""
+label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model. A fifth of each
+file's cells (--holdout) is kept out of training and named in pretrain.json: scl-train on the same
+file calibrates on exactly those, the only cells no stage has seen."""
 )
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad file; repeat for several.")
 @click.option("--label-key", default="cell_type", show_default=True, help="obs column with the cell-type labels.")
