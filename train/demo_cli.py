@@ -40,7 +40,7 @@ def step(title: str) -> None:
     epilog="""Example:
 
 \b
-  scl-demo --out demo_out            # full size, about 75 s on a 2-core CPU
+  scl-demo --out demo_out            # full size, about a minute on a 2-core CPU
   scl-demo --out demo_fast --fast    # small network and few epochs, about 20 s (what the tests run)"""
 )
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False), help="Folder for everything the demo writes.")
