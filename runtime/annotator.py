@@ -10,6 +10,7 @@ matmul stalls whenever the reader takes one of its cores, while independent runs
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 import time
@@ -133,7 +134,7 @@ class Annotator:
         """The options checked against this model, as call_cells takes them."""
         session, alpha = self.session, options.alpha
         if alpha is not None:
-            if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
                 raise SclError(f"alpha {alpha!r}: give the error rate you accept, between 0 and 1 (such as 0.05 or 0.1).", "alpha")
             if session.calibration is None:
                 raise SclError(f"{session.path}: this model carries no calibration cells (exported before scl kept them); prediction sets "

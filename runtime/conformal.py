@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -67,11 +68,18 @@ class Calibration:
     def cells(self) -> int:
         return int(sum(len(s) for s in self.class_scores))
 
+    @cached_property
+    def pooled_scores(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.class_scores))
+
+    @cached_property
+    def pooled_distances(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.class_distances))
+
     def thresholds(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """Per class, the largest LAC score admitted at alpha, and whether it comes from all cells pooled."""
-        pooled_scores = np.sort(np.concatenate(self.class_scores))
         pooled = np.array([rank_for(len(s), alpha) > len(s) for s in self.class_scores])
-        q = np.array([conformal_quantile(pooled_scores if p else s, alpha) for s, p in zip(self.class_scores, pooled)])
+        q = np.array([conformal_quantile(self.pooled_scores if p else s, alpha) for s, p in zip(self.class_scores, pooled)])
         return q, pooled
 
     def prediction_sets(self, probabilities: np.ndarray, alpha: float) -> np.ndarray:
@@ -81,10 +89,9 @@ class Calibration:
 
     def novelty_p(self, distances: np.ndarray, predicted: np.ndarray, alpha: float) -> np.ndarray:
         """Each cell's conformal p-value of its distance to its predicted class's centroid."""
-        pooled = np.sort(np.concatenate(self.class_distances))
         p = np.empty(len(distances), dtype=np.float32)
         for k in np.unique(predicted):
-            reference = self.class_distances[k] if self.group_is_enough(len(self.class_distances[k]), alpha) else pooled
+            reference = self.class_distances[k] if self.group_is_enough(len(self.class_distances[k]), alpha) else self.pooled_distances
             cells = predicted == k
             at_least = len(reference) - np.searchsorted(reference, distances[cells].astype(np.float64), side="left")
             p[cells] = (1 + at_least) / (len(reference) + 1)

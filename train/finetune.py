@@ -26,7 +26,7 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import LOSSES, FinetuneConfig
-from scl.runtime.calls import cosine_distance
+from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
 from scl.runtime.conformal import Calibration
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
@@ -195,6 +195,9 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
     cells = load_labelled(config.data, base.gene_order, config.label_key, options)
     refuse_tiny_classes(cells.labels, config.data)
     held = split_calibration(cells, config, base.gene_order, options)
+    if not len(held.calibration):
+        raise SclError(f"{config.calibration_data or config.data}: no cells left to calibrate on (too few cells of each type to hold "
+                       "any out); give --calibration-data or more cells.")
     refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
     train, val = split(held.rest, config, base.gene_order, options)
     classes = sorted(np.unique(train.labels))
@@ -290,8 +293,6 @@ def calibrate_run(model: LoraClassifier, merged, centroids: np.ndarray, held: Ca
 
 def novelty_shares(model: LoraClassifier, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, device) -> dict:
     """Share of cells flagged novel at each reported alpha (and at the runtime's default level)."""
-    from scl.runtime.calls import NOVELTY_ALPHA
-
     probs = model.probabilities(z, device)
     distances = cosine_distance(z, unit(centroids), probs.argmax(axis=1))
     return {str(a): novel_share(calibration, probs, distances, a) for a in sorted({NOVELTY_ALPHA, *ALPHAS})}
