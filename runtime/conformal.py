@@ -101,9 +101,6 @@ class Calibration:
     def group_is_enough(n: int, alpha: float) -> bool:
         return (n + 1) * alpha >= 1
 
-    def pooled_novelty_classes(self, alpha: float) -> np.ndarray:
-        return np.array([not self.group_is_enough(len(d), alpha) for d in self.class_distances])
-
     def to_metadata(self) -> dict:
         return {"score": SCORE, "temperature": round(float(self.temperature), 6), "cells": self.cells, "optimistic": bool(self.optimistic),
                 "from": self.source, "class_scores": [np.round(s, 7).tolist() for s in self.class_scores],

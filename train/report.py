@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from scl.runtime.calls import NOVELTY_ALPHA
+from scl.runtime.conformal import Calibration
 
 SUMMARY = ("top1", "top3", "macro_f1", "balanced_accuracy", "classes_with_a_correct_prediction", "batch_hard_triplet", "reconstruction_mse")
 
@@ -49,7 +50,7 @@ def calibration_lines(metrics: dict) -> list[str]:
     fitted = cal["cross_fitted"]
     lines = [f"calibration: {cal['source']}, used for nothing else; temperature {cal['temperature']:.2f}"
              + ("; OPTIMISTIC: the base model was pretrained on these cells, so new cells will do worse than the numbers below" if cal["optimistic"] else "")]
-    if cal["cells"] + 1 < 1 / NOVELTY_ALPHA:
+    if not Calibration.group_is_enough(cal["cells"], NOVELTY_ALPHA):
         lines.append(f"only {cal['cells']} calibration cells: novelty p-values cannot reach scl-annotate's default {NOVELTY_ALPHA:g} "
                      f"(that takes {round(1 / NOVELTY_ALPHA) - 1}); annotate with --alpha {1 / (cal['cells'] + 1):.2g} or more, or calibrate on more cells")
     if not fitted.get("folds"):
