@@ -6,13 +6,15 @@
 Each request is POST /predict with one cell of ~2,500 detected genes. Traffic goes to 127.0.0.1 only; the number of
 requests is fixed, so the test stops by itself. Then one hostile request: a /predict_batch of 2,000 cells with 200
 distinct random gene names each (400,000 names the model does not know), with the server's peak RSS before and after
-and /healthz timed while it runs. Writes benchmarks/results/<machine>-serve.json and .md.
+and /healthz timed while it runs. Last, slow clients (1,000 connections sending a byte a second): when the read
+deadline cuts them, and what /healthz answers meanwhile. Writes benchmarks/results/<machine>-serve.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -88,6 +90,47 @@ def unknown_genes_request(base: str, pid: int, cells: int, rng) -> dict:
             "healthz_max_ms": round(max(health, default=0) * 1000, 1)}
 
 
+def slow_clients(base: str, port: int, connections: int, read_timeout: float) -> dict:
+    """`connections` clients each sending a request line a byte a second; when the server cut them, /healthz meanwhile."""
+    socks, cut_after, health = [], [], []
+    for _ in range(connections):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+    start = time.perf_counter()
+    line = b"GET /healthz HTTP/1.1\r\n" * 100
+    sent = 0
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    while (socks or elapsed() < read_timeout + 4) and elapsed() < read_timeout + 15:
+        t = time.perf_counter()
+        for s in socks:
+            try:
+                s.send(line[sent:sent + 1])
+            except OSError:
+                pass
+        sent += 1
+        try:
+            status = httpx.get(f"{base}/healthz", timeout=5).status_code
+        except httpx.TransportError:
+            status = 0
+        health.append((t - start, status, time.perf_counter() - t))
+        while (left := 1 - (time.perf_counter() - t)) > 0:  # the rest of the second: note each cut when it happens
+            for s in select.select(socks, [], [], left)[0] if socks else time.sleep(left) or []:
+                cut_after.append(elapsed())  # readable: the server answered (408) or closed
+                socks.remove(s)
+                s.close()
+    for s in socks:
+        s.close()
+    during = [h for h in health if h[0] < read_timeout - 1]
+    after = [h for h in health if h[0] > read_timeout + 2]
+    return {"connections": connections, "read_timeout_s": read_timeout, "still_open_at_end": len(socks),
+            "cut_after_s_min": round(min(cut_after, default=float("nan")), 1), "cut_after_s_max": round(max(cut_after, default=float("nan")), 1),
+            "healthz_status_during": sorted({h[1] for h in during}), "healthz_status_after": sorted({h[1] for h in after}),
+            "healthz_max_ms": round(max((h[2] for h in health), default=0) * 1000, 1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
@@ -100,6 +143,7 @@ def main(argv=None) -> dict:
     from run import machine_name
     from synthetic import cell_block, random_model, write_onnx
 
+    read_timeout = 3.0 if args.smoke else 30.0  # 30: scl-serve's default
     genes = Path(args.gene_order).read_text().split()
     rng = np.random.default_rng(0)
     payloads = []
@@ -113,7 +157,7 @@ def main(argv=None) -> dict:
         fp32, *_ = write_onnx(model, head, Path(tmp) / "model.onnx")
         for batching in (True, False):
             port = free_port()
-            cmd = [str(Path(sys.executable).parent / "scl-serve"), "--model", str(fp32), "--port", str(port)]
+            cmd = [str(Path(sys.executable).parent / "scl-serve"), "--model", str(fp32), "--port", str(port), "--read-timeout", str(read_timeout)]
             server = subprocess.Popen(cmd + ([] if batching else ["--no-micro-batching"]), stderr=subprocess.PIPE, text=True)
             try:
                 base = f"http://127.0.0.1:{port}"
@@ -121,6 +165,7 @@ def main(argv=None) -> dict:
                 results["levels"] += [load(base, payloads, clients) | {"micro_batching": batching} for clients in (1, 16)]
                 if batching:
                     results["unknown_genes"] = unknown_genes_request(base, server.pid, 200 if args.smoke else 2000, rng)
+                    results["slow_clients"] = slow_clients(base, port, 50 if args.smoke else 1000, read_timeout)
             finally:
                 server.terminate()
                 server.wait(timeout=10)
@@ -135,6 +180,11 @@ def main(argv=None) -> dict:
     lines += ["", f"One request of {u['cells']:,} cells naming {u['distinct_genes']:,} distinct genes the model does not know: HTTP {u['status']} "
               f"in {u['seconds']} s; server peak RSS {u['peak_rss_mb_before']:,.0f} -> {u['peak_rss_mb_after']:,.0f} MB; "
               f"/healthz at most {u['healthz_max_ms']} ms meanwhile."]
+    c = results["slow_clients"]
+    lines += ["", f"{c['connections']:,} slow clients sending a request line a byte a second, `--read-timeout {c['read_timeout_s']:g}`: "
+              f"cut (408, closed) after {c['cut_after_s_min']}-{c['cut_after_s_max']} s, {c['still_open_at_end']} still open at the end; "
+              f"/healthz answered {c['healthz_status_during']} while they held the connections (--max-connections 64) and "
+              f"{c['healthz_status_after']} after, at most {c['healthz_max_ms']} ms."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return results
 

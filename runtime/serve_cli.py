@@ -17,31 +17,35 @@ from .errors import SclError
 
 cells.json: {"cells": [{"CD19": 3, "MS4A1": 5, ...every gene detected in the cell...}], "top_k": 3}
 or columnar {"genes": [...], "values": [[...]], "cell_ids": [...]}. OpenAPI docs at
-http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host says otherwise. --timeout counts
-from the parsed request to its answer; uvicorn has no timeout for a client that sends its
-request slowly: put a reverse proxy in front of a server others can reach."""
+http://127.0.0.1:8000/docs. Binds to 127.0.0.1 unless --host says otherwise. Clocks:
+--read-timeout from a request's first byte to its last (408, connection closed; also a
+connection that sends nothing), --timeout from the parsed request to its answer (504),
+--keep-alive between requests on one connection."""
 )
 @click.option("--model", required=True, envvar="SCL_MODEL", type=click.Path(dir_okay=False), help="The .onnx from scl-export.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads.")
-@click.option("--max-cells", default=10000, show_default=True, help="Most cells in one request.")
-@click.option("--max-body-mb", default=64, show_default=True, help="Largest request body.")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds one request may run.")
+@click.option("--max-cells", default=10000, type=click.IntRange(min=1), show_default=True, help="Most cells in one request.")
+@click.option("--max-body-mb", default=64, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Largest request body.")
+@click.option("--timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds from a parsed request to its answer (504 beyond).")
+@click.option("--read-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="Seconds to receive one request, headers and body (408 beyond); raise it for large bodies on slow links.")
 @click.option("--cors-origin", multiple=True, help="Allow browser calls from this origin (repeat); none by default.")
 @click.option("--no-micro-batching", is_flag=True, help="Run each request alone (concurrent requests are otherwise batched).")
-@click.option("--max-connections", default=64, show_default=True, help="Connections and requests at once; beyond it clients get 503.")
-@click.option("--keep-alive", default=5.0, show_default=True, help="Seconds an idle connection stays open between requests.")
+@click.option("--max-connections", default=64, type=click.IntRange(min=1), show_default=True, help="Connections and requests at once; beyond it clients get 503.")
+@click.option("--keep-alive", default=5.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds an idle connection stays open between requests.")
 @click.option("--access-log", is_flag=True, help="Log every request (method, path, status) to stderr.")
 @click.option("--show-paths", is_flag=True, help="GET /model shows the model's and its training data's full paths (default: file names).")
 @reports_input_errors
-def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, cors_origin, no_micro_batching, max_connections, keep_alive,
+def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, read_timeout, cors_origin, no_micro_batching, max_connections, keep_alive,
          access_log, show_paths):
     """Serve POST /predict, POST /predict_batch, GET /healthz, /classes, /model."""
     try:
         import uvicorn
 
+        from .read_deadline import read_deadline_protocol
         from .serve import create_app
     except ImportError:
         raise SclError("scl-serve needs FastAPI and uvicorn: pip install 'scl[serve]'.") from None
@@ -52,5 +56,6 @@ def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, co
                      show_paths=show_paths)
     click.echo(f"scl-serve: {model} ({len(annotator.classes)} classes, {len(annotator.gene_order):,} genes) on {annotator.session.provider}; "
                f"http://{host}:{port} (docs at /docs); Ctrl-C stops it", err=True)
-    uvicorn.run(app, host=host, port=port, timeout_keep_alive=keep_alive, limit_concurrency=max_connections,
+    uvicorn.run(app, host=host, port=port, http=read_deadline_protocol(read_timeout), timeout_keep_alive=keep_alive,
+                limit_concurrency=max_connections,
                 log_level="info" if access_log else "warning", access_log=access_log)

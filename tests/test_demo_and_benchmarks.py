@@ -77,6 +77,8 @@ def test_serve_load_smoke_run(tmp_path, scimilarity_genes):
     assert all(level["requests"] == 20 and level["requests_per_second"] > 0 and level["p50_ms"] > 0 for level in result["levels"])
     hostile = result["unknown_genes"]
     assert hostile["status"] == 200 and hostile["distinct_genes"] == 40_001 and hostile["peak_rss_mb_after"] >= hostile["peak_rss_mb_before"] > 0
+    slow = result["slow_clients"]  # 50 clients dripping a byte a second, --read-timeout 3: all cut near 3 s
+    assert slow["still_open_at_end"] == 0 and 2.5 < slow["cut_after_s_min"] <= slow["cut_after_s_max"] < 6 and slow["healthz_status_after"] == [200]
 
 
 def test_api_scale_smoke_run(tmp_path, scimilarity_genes):

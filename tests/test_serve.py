@@ -1,6 +1,8 @@
 """scl-serve: the same labels as scl-annotate, clear 4xx for bad payloads, a real uvicorn process on loopback."""
 
+import asyncio
 import json
+import select
 import socket
 import subprocess
 import time
@@ -160,3 +162,81 @@ def test_idle_connections_beyond_the_limit_get_503_and_the_server_says_where_it_
         server.wait(timeout=10)
     first = server.stderr.readline()
     assert f"http://127.0.0.1:{port}" in first and "7 classes" in first and "CPUExecutionProvider" in first
+
+
+def read_reply(conn: socket.socket, wait: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took."""
+    conn.settimeout(wait)
+    start, got = time.monotonic(), b""
+    while chunk := conn.recv(4096):
+        got += chunk
+    return got, time.monotonic() - start
+
+
+def test_slow_clients_get_408_and_their_connections_back_but_slow_answers_do_not():
+    """The read deadline counts receiving a request only: from its first byte (or the connection) to its body's last."""
+    import threading
+
+    import uvicorn
+
+    from scl.runtime.read_deadline import read_deadline_protocol
+
+    async def slow_app(scope, receive, send):  # answers 1.5 s after the body, longer than the 0.8 s read deadline
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(1.5)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(slow_app, port=port, http=read_deadline_protocol(0.8), timeout_keep_alive=5, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        silent = socket.create_connection(("127.0.0.1", port))
+        headers = socket.create_connection(("127.0.0.1", port))
+        headers.sendall(b"POST / HTTP/1.1\r\nhost: x\r\n")
+        body = socket.create_connection(("127.0.0.1", port))
+        body.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345")
+        for conn in (silent, headers, body):
+            reply, took = read_reply(conn, 5)
+            assert reply.startswith(b"HTTP/1.1 408") and b"--read-timeout" in reply and took < 2, (reply, took)
+            conn.close()
+
+        good = socket.create_connection(("127.0.0.1", port))
+        for _ in range(2):  # keep-alive: the second request's clock starts at its first byte, not at the first request
+            good.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+            time.sleep(0.4)
+            good.sendall(b"cd")
+            good.settimeout(5)
+            assert good.recv(4096).startswith(b"HTTP/1.1 200")  # answered after 1.5 s: the app's time is not read time
+            time.sleep(0.5)
+        good.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_scl_serve_cuts_a_client_sending_a_byte_at_a_time(exported):
+    server, port = start_server(exported, "--read-timeout", "1", "--max-connections", "4")
+    try:
+        drip = socket.create_connection(("127.0.0.1", port))
+        start = time.monotonic()
+        for byte in b"GET /healthz HTTP/1.1\r\n" * 4:  # stops sending once the server has answered
+            drip.sendall(bytes([byte]))
+            if select.select([drip], [], [], 0.2)[0]:
+                break
+        reply, _ = read_reply(drip, 5)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 3
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        refused = subprocess.run([BIN / "scl-serve", "--model", exported, "--read-timeout", "0"], capture_output=True, text=True)
+        assert refused.returncode == 2 and "--read-timeout" in refused.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
