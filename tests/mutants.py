@@ -33,6 +33,8 @@ MUTANTS = [
     ("novelty p without the + 1", "runtime/conformal.py", "p[cells] = (1 + at_least) / (len(reference) + 1)", "p[cells] = at_least / len(reference)", CONFORMAL_TESTS),
     ("small classes not pooled", "runtime/conformal.py", "return (n + 1) * alpha >= 1", "return n > 0", CONFORMAL_TESTS),
     ("empty sets stay assigned", "runtime/calls.py", "keep &= calls[\"set_size\"] > 0", "pass", CONFORMAL_TESTS),
+    ("int8 quantizes every layer", "export/onnx_file.py", ", nodes_to_quantize=gene_layer_nodes(onnx.load(str(fp32_path))))", ")",
+     ["tests/test_export.py::test_int8_quantizes_only_the_gene_wide_layer"]),
     ("temperature not applied in the graph", "export/graph.py", "return AnnotationModel(run.model.encoder, temperature_scaled(run.head, temperature)).eval()",
      "return AnnotationModel(run.model.encoder, run.head).eval()", ["tests/test_export.py::test_graph_inputs_outputs_and_dynamic_batch"]),
     ("min-genes < becomes <=", "runtime/genes.py", "if matched < min_overlap:", "if matched <= min_overlap:", ["tests/test_calls.py"]),
