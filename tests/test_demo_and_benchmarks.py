@@ -104,3 +104,13 @@ def test_calibration_smoke_run(tmp_path, scimilarity_genes):
     assert set(result["pancreas"]) == {"baron -> segerstolpe", "segerstolpe -> baron"}
     assert all(0 < p["celltypist"]["macro_f1"] <= 1 and 0 < p["scl"]["macro_f1"] <= 1 for p in result["pancreas"].values())
     assert "Across technologies" in next(tmp_path.glob("*-calibration-smoke.md")).read_text()
+
+
+def test_int8_layers_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "int8_layers.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(next(tmp_path.glob("*-int8-layers-smoke.json")).read_text())["runs"]
+    variants = run["variants"]
+    assert [v["int8_matrix_products"] for v in variants.values()] == [0, 4, 1]  # fp32; every layer; the gene-wide layer
+    assert variants["fp32"]["label_agreement"] == 1.0 and all(0.5 < v["label_agreement"] <= 1 and v["speed_vs_fp32"] > 0 for v in variants.values())
+    assert "gene layer (scl-export)" in next(tmp_path.glob("*-int8-layers-smoke.md")).read_text()
