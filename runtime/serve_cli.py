@@ -12,7 +12,7 @@ from .errors import SclError
     epilog="""Example:
 
 \b
-  scl-serve --model model.onnx --port 8000
+  scl-serve --model demo_out/model.onnx --port 8000
   curl -s localhost:8000/predict_batch -H 'content-type: application/json' --data @cells.json
 
 cells.json: {"cells": [{"CD19": 3, "MS4A1": 5, ...every gene detected in the cell...}], "top_k": 3}
