@@ -69,6 +69,8 @@ def compare(paths: dict[str, Path], counts: np.ndarray, rounds: int) -> dict:
 
 
 def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
+    import onnx
+
     from scl.export.cli import sample_cells
     from scl.export.onnx_file import quantize_int8
     from scl.train.run_dir import load_run
@@ -81,8 +83,6 @@ def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     counts, _ = sample_cells(run, None, 512)
     paths = {"fp32": demo / "model.onnx", "every layer": tmp / f"every{seed}.onnx", "gene layer (scl-export)": tmp / f"gene{seed}.onnx"}
     quantize_every_layer(paths["fp32"], paths["every layer"])
-    import onnx
-
     onnx.save(quantize_int8(paths["fp32"]), str(paths["gene layer (scl-export)"]))
     head_norm = float(np.linalg.norm(run.head.weight.detach().numpy(), axis=1).max())
     return {"seed": seed, "cells": len(counts), "head_row_norm_max": round(head_norm, 1), "variants": compare(paths, counts, rounds)}

@@ -73,8 +73,9 @@ def quantize_int8(fp32_path: Path) -> onnx.ModelProto:
 
     The later layers stay float32. Quantized, they round their inputs to 8 bits per batch, the 128-d embedding fed to
     the head included: on an embedding as narrow as the full demo's (per-feature spread about 0.02) that rounding is
-    comparable to the distance between neighbouring classes, and it changed 3-8% of the demo's labels. Kept in float32
-    they cost 3.5 MB (34 vs 30.5 MB) and no speed: 2.2-2.3x fp32 either way (benchmarks/int8_layers.py).
+    comparable to the distance between neighbouring classes, and it changed 0-7.6% of the demo's labels over three
+    seeds. Kept in float32 they cost 3.5 MB (34 vs 30.5 MB) and no speed: 2.2-2.4x fp32 either way
+    (benchmarks/int8_layers.py).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -145,7 +145,7 @@ def test_int8_warns_exactly_when_it_changes_too_many_labels(exported):
 
 
 def test_int8_quantizes_only_the_gene_wide_layer(exported):
-    """The layers after it stay float32: rounding the embedding to 8 bits before the head moved 3-8% of the full
+    """The layers after it stay float32: rounding the embedding to 8 bits before the head moved 0-7.6% of the full
     demo's labels (benchmarks/int8_layers.py); the first layer holds nearly all the weights and the work."""
     int8 = onnx.load(str(exported.with_name("model.int8.onnx")))
     weights = {t.name: list(t.dims) for t in int8.graph.initializer}
