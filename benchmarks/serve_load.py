@@ -92,43 +92,42 @@ def unknown_genes_request(base: str, pid: int, cells: int, rng) -> dict:
 
 def slow_clients(base: str, port: int, connections: int, read_timeout: float) -> dict:
     """`connections` clients each sending a request line a byte a second; when the server cut them, /healthz meanwhile."""
-    socks, cut_after, health = [], [], []
-    for _ in range(connections):
-        s = socket.create_connection(("127.0.0.1", port))
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    for s in socks:
         s.setblocking(False)
-        socks.append(s)
-    start = time.perf_counter()
     line = b"GET /healthz HTTP/1.1\r\n" * 100
-    sent = 0
-    def elapsed() -> float:
-        return time.perf_counter() - start
-
-    while (socks or elapsed() < read_timeout + 4) and elapsed() < read_timeout + 15:
-        t = time.perf_counter()
+    cut_after, health = [], []  # health: (seconds since start, status, seconds it took)
+    start = time.perf_counter()
+    for second in range(int(read_timeout) + 15):
+        if not socks and second > read_timeout + 4:
+            break
+        tick = time.perf_counter()
         for s in socks:
             try:
-                s.send(line[sent:sent + 1])
+                s.send(line[second:second + 1])
             except OSError:
                 pass
-        sent += 1
         try:
             status = httpx.get(f"{base}/healthz", timeout=5).status_code
         except httpx.TransportError:
             status = 0
-        health.append((t - start, status, time.perf_counter() - t))
-        while (left := 1 - (time.perf_counter() - t)) > 0:  # the rest of the second: note each cut when it happens
-            for s in select.select(socks, [], [], left)[0] if socks else time.sleep(left) or []:
-                cut_after.append(elapsed())  # readable: the server answered (408) or closed
+        health.append((tick - start, status, time.perf_counter() - tick))
+        while (left := 1 - (time.perf_counter() - tick)) > 0:  # the rest of the second: note each cut as it happens
+            if not socks:
+                time.sleep(left)
+                break
+            for s in select.select(socks, [], [], left)[0]:  # readable: the server answered (408) or closed
+                cut_after.append(time.perf_counter() - start)
                 socks.remove(s)
                 s.close()
     for s in socks:
         s.close()
-    during = [h for h in health if h[0] < read_timeout - 1]
-    after = [h for h in health if h[0] > read_timeout + 2]
+    during = [status for t, status, _ in health if t < read_timeout - 1]
+    after = [status for t, status, _ in health if t > read_timeout + 2]
     return {"connections": connections, "read_timeout_s": read_timeout, "still_open_at_end": len(socks),
             "cut_after_s_min": round(min(cut_after, default=float("nan")), 1), "cut_after_s_max": round(max(cut_after, default=float("nan")), 1),
-            "healthz_status_during": sorted({h[1] for h in during}), "healthz_status_after": sorted({h[1] for h in after}),
-            "healthz_max_ms": round(max((h[2] for h in health), default=0) * 1000, 1)}
+            "healthz_status_during": sorted(set(during)), "healthz_status_after": sorted(set(after)),
+            "healthz_max_ms": round(max((took for *_, took in health), default=0) * 1000, 1)}
 
 
 def main(argv=None) -> dict:

@@ -173,7 +173,7 @@ def read_reply(conn: socket.socket, wait: float) -> tuple[bytes, float]:
     return got, time.monotonic() - start
 
 
-def test_slow_clients_get_408_and_their_connections_back_but_slow_answers_do_not():
+def test_slow_clients_get_408_and_their_connections_back_but_slow_answers_are_not_cut():
     """The read deadline counts receiving a request only: from its first byte (or the connection) to its body's last."""
     import threading
 
