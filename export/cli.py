@@ -94,7 +94,7 @@ Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onn
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True, help="Also write a dynamic int8 variant (<out>.int8.onnx) for CPUs.")
 @click.option("--fp16", is_flag=True, help="Also write an fp16 variant (<out>.fp16.onnx) for CUDA GPUs.")
 @click.option("--sample-data", type=click.Path(exists=True, dir_okay=False), help="Cells to validate on; default: the run's validation or training data.")
-@click.option("--sample-cells", "n_sample", default=512, show_default=True, help="How many cells to validate on.")
+@click.option("--sample-cells", "n_sample", default=512, type=click.IntRange(min=1), show_default=True, help="How many cells to validate on.")
 @reports_input_errors
 def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""

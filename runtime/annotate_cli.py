@@ -134,7 +134,7 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     from .annotator import AnnotateOptions, Annotator
 
     paths = expand_inputs(inputs, shard)
-    if csc_memory_limit <= 0:
+    if not 0 < csc_memory_limit < float("inf"):  # nan fails too
         raise SclError(f"--csc-memory-limit {csc_memory_limit}: give a positive number of GiB.")
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

@@ -139,6 +139,11 @@ class Annotator:
             if session.calibration is None:
                 raise SclError(f"{session.path}: this model carries no calibration cells (exported before scl kept them); prediction sets "
                                "and novelty p-values need them: train and export it again with this scl.", "alpha")
+        if isinstance(options.min_confidence, bool) or not isinstance(options.min_confidence, numbers.Real) or not 0 <= options.min_confidence <= 1:
+            raise SclError(f"min_confidence {options.min_confidence!r}: give a probability between 0 and 1 (0, the default, keeps every call).",
+                           "min_confidence")
+        if options.min_cell_genes is not None and not (isinstance(options.min_cell_genes, numbers.Integral) and options.min_cell_genes >= 0):
+            raise SclError(f"min_cell_genes {options.min_cell_genes!r}: give a whole number of genes, 0 or more.", "min_cell_genes")
         limits, unassign = self._novelty_limits(options.max_novelty)
         min_genes = default_min_cell_genes(len(session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
         return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)

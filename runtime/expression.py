@@ -12,6 +12,7 @@ Training, scl-annotate, scl-serve and the Python API all read through here, so t
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ class ReadOptions:
     min_genes: int | None = None  # None: SCimilarity's 5,000 of 28,231, scaled to the model's size
     csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES
     block_size: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, numbers.Integral) or self.block_size < 1:
+            raise SclError(f"batch size {self.block_size!r}: give a whole number of cells, 1 or more (256 is a good choice).", "batch_size")
 
 
 def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:

@@ -73,6 +73,8 @@ def test_export_errors(run_dir, tmp_path):
     assert code == 1 and "metrics.json missing" in stderr
     code, _, stderr = run("scl-export", run_dir, "--out", tmp_path / "no" / "m.onnx")
     assert code == 1 and "no such directory" in stderr
+    code, _, stderr = run("scl-export", run_dir, "--out", tmp_path / "m.onnx", "--sample-cells", "-3")
+    assert code == 2 and "--sample-cells" in stderr and not (tmp_path / "m.onnx").exists()
     broken = tmp_path / "broken_run"
     shutil.copytree(run_dir, broken)
     (broken / "head.pt").write_bytes(b"not a checkpoint")

@@ -1,6 +1,7 @@
 """scl-pretrain and scl-train on real cells: real training steps, small networks, the real gene order."""
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -108,6 +109,37 @@ def test_same_seed_same_result(base_dir, small_data, tmp_path):
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (dict(epochs=0), "epochs 0: give a whole number, 1 or more, such as 5 (the default)"),
+    (dict(lr=float("nan")), "lr nan: give a number above 0"),
+    (dict(val_fraction=1.5), "val_fraction 1.5: give a number in (0, 1), such as 0.2"),
+    (dict(calibration_fraction=0), "calibration_fraction 0: give a number in (0, 1)"),
+    (dict(batch_size=0), "batch_size 0: give a whole number, 1 or more"),
+    (dict(rank=2.5), "rank 2.5: give a whole number"),
+    (dict(lora_dropout=1), "lora_dropout 1: give a number in [0, 1)"),
+    (dict(seed=-1), "seed -1: give a whole number from 0 to 4294967295"),
+    (dict(recon_weight=float("inf")), "recon_weight inf: give a number from 0 up"),
+])
+def test_settings_out_of_bounds_are_refused_before_any_work(overrides, words):
+    with pytest.raises(SclError, match=re.escape(words)) as err:
+        FinetuneConfig(base_model="b", data="d", **overrides)
+    assert err.value.options == (next(iter(overrides)),)  # the CLI spells it as the flag of the same name
+
+
+def test_scl_train_and_pretrain_refuse_bad_numbers_in_one_line(small_data, tmp_path):
+    for args, words in (
+        (["scl-train", "--base-model", tmp_path, "--data", small_data / "train.h5ad", "--out", tmp_path / "r", "--epochs", "0"], "(see --epochs)"),
+        (["scl-train", "--base-model", tmp_path, "--data", small_data / "train.h5ad", "--out", tmp_path / "r", "--batch-size", "0"], "(see --batch-size)"),
+        (["scl-pretrain", "--data", small_data / "train.h5ad", "--out", tmp_path / "p", "--holdout", "1"], "holdout 1.0: give a number in [0, 1)"),
+        (["scl-pretrain", "--data", small_data / "train.h5ad", "--out", tmp_path / "p", "--lr", "nan"], "(see --lr)"),
+        (["scl-pretrain", "--data", small_data / "train.h5ad", "--out", tmp_path / "p", "--batch-size", "1"], "batch_size 1: give a whole number, 2 or more"),
+        (["scl-pretrain", "--data", small_data / "train.h5ad", "--out", tmp_path / "p", "--hidden", "64,0"], "--hidden '64,0': give layer sizes"),
+    ):
+        code, _, stderr = run(*args)
+        assert code == 1 and words in stderr and stderr.startswith("Error:") and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
 def test_bad_training_input(base_dir, small_data, tmp_path):
     one = ad.read_h5ad(small_data / "train.h5ad")
     one.obs["cell_type"] = one.obs["cell_type"].astype(str)
@@ -122,7 +154,6 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
         (dict(label_key="celltype"), "obs has no column 'celltype'"),
         (dict(min_genes=20000), "only 8228 of the model's 28231 genes"),
         (dict(loss="mse"), "--loss 'mse'"),
-        (dict(calibration_fraction=0), "--calibration-fraction 0: give a share between 0 and 1"),
         (dict(calibration_data=str(tmp_path / "lonely.h5ad")), "calibration labels \\['lonely'\\] never occur in the training data"),
     ]
     if not torch.cuda.is_available():

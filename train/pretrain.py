@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .config import PretrainConfig
@@ -32,8 +31,6 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
     seed_everything(config.seed)
     device = resolve_device(config.device)
     options = ReadOptions(min_genes=config.min_genes)
-    if not 0 <= config.holdout < 1:
-        raise SclError(f"--holdout {config.holdout}: give the share of cells to keep out, from 0 up to (not including) 1, such as 0.2.")
     genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
     cells, held_out = hold_out(config, genes, options)
     refuse_tiny_classes(cells.labels, ", ".join(config.data))

@@ -5,12 +5,19 @@ from __future__ import annotations
 import click
 
 from scl.runtime.cli_errors import reports_input_errors
+from scl.runtime.errors import SclError
 
 from .config import PretrainConfig
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SclError(f"--hidden {text!r}: give layer sizes as whole numbers of 1 or more, separated by commas, such as 1024,1024.")
+    return sizes
 
 
 @click.command(
@@ -32,7 +39,7 @@ file calibrates on exactly those, the only cells no stage has seen."""
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--gene-order", type=click.Path(exists=True, dir_okay=False), help="gene_order.tsv to align to; default: the union of the files' genes.")
 @click.option("--hidden", default="1024,1024", show_default=True, help="Hidden layer sizes.")
-@click.option("--latent", default=128, show_default=True, help="Embedding size.")
+@click.option("--latent", default=128, type=click.IntRange(min=1), show_default=True, help="Embedding size.")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--lr", default=5e-3, show_default=True, help="AdamW learning rate (SCimilarity's default).")

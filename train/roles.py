@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from scl.runtime.errors import SclError
 
 from .config import FinetuneConfig
 from .data import LabelledCells, file_digest, load_labelled, log, stratified_holdout
@@ -54,8 +53,6 @@ def optimistic_warning(path: str) -> str:
 
 def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
     """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation."""
-    if not 0 < config.calibration_fraction < 1:
-        raise SclError(f"--calibration-fraction {config.calibration_fraction}: give a share between 0 and 1, such as 0.2.")
     if config.calibration_data:
         calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options)
         unseen = base_never_saw(config.base_model, config.calibration_data, calibration)
