@@ -12,6 +12,8 @@ import asyncio
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+LINGER_S = 2.0  # after the 408, bytes still arriving are read and dropped this long: closing at once would answer them
+#                with a reset, which can discard the 408 before the client has read it
 REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
                    b"content-length: %d\r\n\r\n%s")
 
@@ -21,6 +23,7 @@ def read_deadline_protocol(seconds: float) -> type[H11Protocol]:
 
     class ReadDeadlineProtocol(H11Protocol):
         deadline: asyncio.TimerHandle | None = None
+        lingering = False
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -31,6 +34,8 @@ def read_deadline_protocol(seconds: float) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self.lingering:
+                return
             if self.cycle is None or self.cycle.response_complete:  # between requests: this byte starts the next one
                 self.start_clock()
             super().data_received(data)
@@ -57,6 +62,10 @@ def read_deadline_protocol(seconds: float) -> type[H11Protocol]:
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True  # the app waiting for the body sees the client gone, and its answer goes nowhere
                 cycle.message_event.set()
-            self.transport.close()
+            self.lingering = True
+            self.transport.resume_reading()  # flow control may have paused it; lingering reads and drops
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
     return ReadDeadlineProtocol
