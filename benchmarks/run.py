@@ -66,7 +66,7 @@ def rate(fn, n_cells: int) -> float:
 def dense_blocks(h5ad: str, genes, block: int):
     from scl.runtime.expression import ExpressionSource, ReadOptions
 
-    with ExpressionSource(h5ad, genes, ReadOptions(block_size=block)) as src:
+    with ExpressionSource(h5ad, genes, ReadOptions(batch_size=block)) as src:
         return [x for _, x in src.blocks(normalise=False)]
 
 

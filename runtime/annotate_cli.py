@@ -145,7 +145,7 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
         check_folder_writable(report, "report")
     annotator = Annotator(model, device, threads)
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
-                       min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), block_size=batch_size)
+                       min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), batch_size=batch_size)
     options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes, alpha=alpha)
     annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file
     file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)

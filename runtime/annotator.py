@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
+from .bounds import NOT_NEGATIVE_WHOLE, PROBABILITY, check_bounds
 from .calls import NOVELTY_ALPHA, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
 from .conformal import set_size_summary
 from .errors import SclError
@@ -46,6 +47,9 @@ class AnnotateOptions:
     progress: bool = True
     min_cell_genes: int | None = None  # cells expressing fewer of the model's genes are 'unassigned'; None: calls.default_min_cell_genes
     alpha: float | None = None  # prediction sets holding the true type for >= 1 - alpha of cells like the calibration cells; novel: p <= alpha
+
+    def __post_init__(self):
+        check_bounds(self, {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE})
 
 
 @dataclass
@@ -139,11 +143,6 @@ class Annotator:
             if session.calibration is None:
                 raise SclError(f"{session.path}: this model carries no calibration cells (exported before scl kept them); prediction sets "
                                "and novelty p-values need them: train and export it again with this scl.", "alpha")
-        if isinstance(options.min_confidence, bool) or not isinstance(options.min_confidence, numbers.Real) or not 0 <= options.min_confidence <= 1:
-            raise SclError(f"min_confidence {options.min_confidence!r}: give a probability between 0 and 1 (0, the default, keeps every call).",
-                           "min_confidence")
-        if options.min_cell_genes is not None and not (isinstance(options.min_cell_genes, numbers.Integral) and options.min_cell_genes >= 0):
-            raise SclError(f"min_cell_genes {options.min_cell_genes!r}: give a whole number of genes, 0 or more.", "min_cell_genes")
         limits, unassign = self._novelty_limits(options.max_novelty)
         min_genes = default_min_cell_genes(len(session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
         return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)
@@ -169,7 +168,7 @@ class Annotator:
 
     def open(self, data, genes=None, cell_ids=None, read: ReadOptions | None = None, layer=None, use_raw=None) -> ExpressionSource:
         """Cells from a file path or any in-memory object, aligned to the model's genes."""
-        read = read or ReadOptions(block_size=256)
+        read = read or ReadOptions()
         if isinstance(data, (str, os.PathLike)):
             return ExpressionSource(data, self.session.gene_order, read)
         if is_anndata(data) and data.isbacked:  # read from its file, block by block, like scl-annotate
@@ -310,7 +309,7 @@ class Annotator:
         (2800, 128)
         """
         options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha)
-        read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, block_size=batch_size)
+        read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
             clusters = voting.given_clusters(over_clustering, data, source)

@@ -198,7 +198,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     def open_request(genes: list[str], x, input_kind: str, cell_ids) -> ExpressionSource:
         """The request as a source of blocks, through the same checks and steps as a file."""
         ids = cell_ids or [str(i) for i in range(x.shape[0])]
-        read = ReadOptions(input_kind=input_kind, min_genes=1, block_size=BLOCK)
+        read = ReadOptions(input_kind=input_kind, min_genes=1, batch_size=BLOCK)
         return ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read)
 
     def prepare(source: ExpressionSource, block) -> tuple[np.ndarray, np.ndarray] | None:

@@ -109,9 +109,9 @@ def test_bad_models_and_outputs(exported, small_data, tmp_path):
         (["--model", exported, "--output", tmp_path / "o.csv", "--report", tmp_path / "nowhere" / "r.json"], "the folder for r.json does not exist"),
         (["--model", exported, "--output", tmp_path / "o.csv", "--csc-memory-limit", "-1"], "give a positive number of GiB"),
         (["--model", exported, "--output", tmp_path / "o.csv", "--csc-memory-limit", "nan"], "give a positive number of GiB"),
-        (["--model", exported, "--output", tmp_path / "o.csv", "--batch-size", "0"], "batch size 0: give a whole number of cells, 1 or more"),
-        (["--model", exported, "--output", tmp_path / "o.csv", "--min-confidence", "2"], "min_confidence 2.0: give a probability between 0 and 1"),
-        (["--model", exported, "--output", tmp_path / "o.csv", "--min-confidence", "nan"], "give a probability between 0 and 1 (0, the default"),
+        (["--model", exported, "--output", tmp_path / "o.csv", "--batch-size", "0"], "batch_size 0: give a whole number, 1 or more"),
+        (["--model", exported, "--output", tmp_path / "o.csv", "--min-confidence", "2"], "min_confidence 2.0: give a number in [0, 1], such as 0.0 (the default)"),
+        (["--model", exported, "--output", tmp_path / "o.csv", "--min-confidence", "nan"], "min_confidence nan: give a number in [0, 1]"),
         (["--model", exported, "--output", tmp_path / "o.txt"], "must end in .csv or .h5ad"),
         (["--model", exported, "--shard", "2/2"], "--shard '2/2'"),
     ]

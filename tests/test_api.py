@@ -87,7 +87,7 @@ def test_in_place_key_added_and_layer_choice(exported, pbmc_small, cli_calls):
         scl.annotate(adata, exported, layer="spliced")
     with pytest.raises(scl.SclError, match="takes an AnnData"):
         scl.annotate(adata.X, exported)
-    for bad, words in (({"batch_size": 0}, "batch size 0.*see batch_size"), ({"min_confidence": float("nan")}, "min_confidence nan.*see min_confidence"),
+    for bad, words in (({"batch_size": 0}, "batch_size 0.*see batch_size"), ({"min_confidence": float("nan")}, "min_confidence nan.*see min_confidence"),
                        ({"min_cell_genes": -1}, "min_cell_genes -1")):
         with pytest.raises(scl.SclError, match=words):
             scl.annotate(adata, exported, progress=False, **bad)

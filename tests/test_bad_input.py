@@ -145,11 +145,11 @@ def test_every_block_is_checked_against_the_kind_judged_on_the_first(pbmc_small,
     logged = sp.csr_matrix(np.log1p(counts.multiply(1e4 / totals[:, None]).toarray()))
     mixed = ad.AnnData(sp.vstack([logged[:64], counts[64:]]).tocsr(), obs=pbmc_small.obs, var=pbmc_small.var)
     with pytest.raises(SclError) as err:
-        read_all(write(mixed, tmp_path / "mixed.h5ad"), scimilarity_genes, block_size=32)
+        read_all(write(mixed, tmp_path / "mixed.h5ad"), scimilarity_genes, batch_size=32)
     assert_one_line(err, f"cell {pbmc_small.obs_names[64]!r} is not log1p(counts per 1e4)", "mixes kinds", "see input_kind")
     late = counts.copy()
     late.data[late.indptr[100]] = 2.5  # cell 100, in the fourth block
     with pytest.raises(SclError) as err:
-        read_all(write(ad.AnnData(late, obs=pbmc_small.obs, var=pbmc_small.var), tmp_path / "late.h5ad"), scimilarity_genes, block_size=32)
+        read_all(write(ad.AnnData(late, obs=pbmc_small.obs, var=pbmc_small.var), tmp_path / "late.h5ad"), scimilarity_genes, batch_size=32)
     assert_one_line(err, f"cell {pbmc_small.obs_names[100]!r} holds non-integer values (2.5)", "first cells are raw counts")
-    read_all(tmp_path / "late.h5ad", scimilarity_genes, block_size=32, input_kind="counts")  # stated by the user: taken as given
+    read_all(tmp_path / "late.h5ad", scimilarity_genes, batch_size=32, input_kind="counts")  # stated by the user: taken as given

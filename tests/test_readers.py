@@ -14,7 +14,7 @@ from scl.runtime.normalize import lognorm
 
 
 def read_all(path, genes, **options):
-    with ExpressionSource(str(path), genes, ReadOptions(block_size=50, **options)) as src:
+    with ExpressionSource(str(path), genes, ReadOptions(batch_size=50, **options)) as src:
         blocks = list(src.blocks())
         info = src.describe()
     ids = np.concatenate([b[0] for b in blocks])

@@ -1,0 +1,55 @@
+"""The values a numeric setting may take, checked when its options dataclass is made: one line naming the setting,
+what it may be and its default, for the command line (which spells it as the flag) and Python alike."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+from .errors import SclError
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: finite, between low and high (each included unless open)."""
+
+    low: float
+    high: float = math.inf
+    whole: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.whole else numbers.Real) or not math.isfinite(value):
+            return False  # nan and infinities too
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.whole:
+            return f"a whole number, {self.low:.0f} or more" if self.high == math.inf else f"a whole number from {self.low:.0f} to {self.high:.0f}"
+        if self.high == math.inf:
+            return f"a number {'above' if self.low_open else 'from'} {self.low:g}" + ("" if self.low_open else " up")
+        return f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+SEED = Bounds(0, 2**32 - 1, whole=True)
+POSITIVE = Bounds(0, low_open=True)
+NOT_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1, whole=True)
+SHARE = Bounds(0, 1, low_open=True, high_open=True)
+PROBABILITY = Bounds(0, 1)
+NOT_NEGATIVE_WHOLE = Bounds(0, whole=True)
+
+
+def check_bounds(options, bounds: dict[str, Bounds]) -> None:
+    """One line naming the first setting of a dataclass out of its bounds, what it may be and its default.
+    A setting whose default is None may be None."""
+    defaults = {f.name: f.default for f in fields(options)}
+    for name, allowed in bounds.items():
+        value = getattr(options, name)
+        if not (value is None and defaults[name] is None) and not allowed.holds(value):
+            default = "or None (the default)" if defaults[name] is None else f"such as {defaults[name]!r} (the default)"
+            raise SclError(f"{name} {value!r}: give {allowed.describe()}, {default}.", name)
