@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
 
@@ -75,10 +73,10 @@ def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     from scl.export.onnx_file import quantize_int8
     from scl.train.run_dir import load_run
 
+    from calibration import cli
+
     demo = tmp / f"demo{seed}"
-    done = subprocess.run([str(BIN / "scl-demo"), "--out", str(demo), "--seed", str(seed)] + (["--fast"] if fast else []), capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"scl-demo failed: {done.stderr[-2000:]}")
+    cli("scl-demo", "--out", demo, "--seed", seed, *(["--fast"] if fast else []))
     run = load_run(demo / "run")
     counts, _ = sample_cells(run, None, 512)
     paths = {"fp32": demo / "model.onnx", "every layer": tmp / f"every{seed}.onnx", "gene layer (scl-export)": tmp / f"gene{seed}.onnx"}

@@ -226,7 +226,7 @@ class Annotator:
                                         "promise": self.set_promise(rules.set_alpha)}
         return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
                 "min_confidence": options.min_confidence,
-                "min_cell_genes": default_min_cell_genes(len(self.session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes, "seconds": round(seconds, 3),
+                "min_cell_genes": rules.min_cell_genes, "seconds": round(seconds, 3),
                 "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
 
     def _novelty_report(self, options: AnnotateOptions, rules: CallRules, tally: RunTally) -> dict:

@@ -223,14 +223,13 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         return results
 
     async def annotate(genes, x, sent, request: Options, cell_ids):
-        source = await run_in_threadpool(open_request, genes, x, request.input_kind, cell_ids)
-        blocks, results = source.raw_blocks(), []
-        while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
-            rows, detected = block
-            pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
-            start = len(results)
-            results += describe(pred, detected, sent[start:start + len(rows)], request, cell_ids[start:start + len(rows)] if cell_ids else None)
-        source.close()
+        with await run_in_threadpool(open_request, genes, x, request.input_kind, cell_ids) as source:
+            blocks, results = source.raw_blocks(), []
+            while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
+                rows, detected = block
+                pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
+                start = len(results)
+                results += describe(pred, detected, sent[start:start + len(rows)], request, cell_ids[start:start + len(rows)] if cell_ids else None)
         return results
 
     async def run(genes, x, sent, request: Options, cell_ids=None) -> list[dict]:

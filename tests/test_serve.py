@@ -94,11 +94,15 @@ def test_bad_batches_and_limits(client):
     assert broken.status_code == 422
 
 
-def start_server(exported, *flags) -> tuple[subprocess.Popen, int]:
-    """A real scl-serve on a free loopback port, answering /healthz."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(exported, *flags) -> tuple[subprocess.Popen, int]:
+    """A real scl-serve on a free loopback port, answering /healthz."""
+    port = free_port()
     server = subprocess.Popen([BIN / "scl-serve", "--model", exported, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True)
     for _ in range(100):
         try:
@@ -190,9 +194,7 @@ def test_slow_clients_get_408_and_their_connections_back_but_slow_answers_are_no
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(slow_app, port=port, http=read_deadline_protocol(0.8), timeout_keep_alive=5, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -22,14 +22,13 @@ from peft import LoraConfig, get_peft_model
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
+from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
-from .config import LOSSES, FinetuneConfig
-from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
-from scl.runtime.conformal import Calibration
-
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
+from .config import LOSSES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled, log, refuse_tiny_classes
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift

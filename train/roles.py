@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from .config import FinetuneConfig
 from .data import LabelledCells, file_digest, load_labelled, log, stratified_holdout
 
