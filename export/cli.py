@@ -15,6 +15,7 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ExpressionSource
 from scl.runtime.model_metadata import FORMAT_VERSION, INPUT_COUNTS, INPUT_IS_LOGNORM
 from scl.runtime.normalize import TARGET_SUM
+from scl.runtime.places import Place, is_inside, refuse_clashes
 
 
 def metadata_values(run, run_dir: Path) -> dict:
@@ -79,6 +80,21 @@ def fp32_failure(result: dict, run) -> str:
     return text + "."
 
 
+def variant_path(out: Path, variant: str) -> Path:
+    return out if variant == "fp32" else out.with_name(f"{out.stem}.{variant}.onnx")
+
+
+def check_out_places(out: Path, run_dir: Path, sample_data: str | None) -> None:
+    """--out and the files named after it must not land in the run or on the cells read."""
+    if out.suffix != ".onnx":
+        raise SclError(f"{out}: --out must end in .onnx (the variants and validation reports are named after it).", "out")
+    if is_inside(str(out), str(run_dir)):
+        raise SclError(f"{out}: --out is inside the run folder {run_dir}, whose files scl-export reads; write the model elsewhere.", "out")
+    writes = [Place(str(variant_path(out, v)), f"the {v} model") for v in ("fp32", "int8", "fp16")]
+    writes += [Place(f"{w.path}.validation.json", f"{w.role}'s validation report") for w in list(writes)]
+    refuse_clashes([Place(sample_data, "the sample data", "sample_data")] if sample_data else [], writes)
+
+
 @click.command(
     epilog="""Example:
 
@@ -111,6 +127,7 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     from .validate import compare, write_report
 
     out = Path(out)
+    check_out_places(out, Path(run_dir), sample_data)
     if not out.parent.is_dir():
         raise SclError(f"{out.parent}: no such directory for --out; create it first.")
     if not os.access(out.parent, os.W_OK):  # before minutes of export work, not after
@@ -126,7 +143,7 @@ def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     for name, wanted, make in variants:
         if not wanted:
             continue
-        path = out if name == "fp32" else out.with_name(f"{out.stem}.{name}.onnx")
+        path = variant_path(out, name)
         with atomic_path(path, suffix=".onnx") as tmp:  # a file that fails validation never replaces the one there
             onnx_file.save_unchecked(make(), values, tmp)
             result = compare(Path(tmp), name, module, counts, sample)

@@ -23,6 +23,7 @@ from .calls import VOTING_COLUMNS, label_names
 from .errors import SclError
 from .expression import ReadOptions
 from .outputs import CsvOutput, H5adOutput
+from .places import Place, refuse_clashes
 from .result import BlockCollector
 from .text_matrix import is_text_matrix
 
@@ -47,9 +48,7 @@ def check_folder_writable(path: str, option: str) -> None:
 
 
 def check_output_path(input_path: str, output: str) -> None:
-    out = Path(output)
-    if out.exists() and os.path.samefile(input_path, out):
-        raise SclError(f"{output}: the output would overwrite the input; choose another output.", "output")
+    refuse_clashes([Place(input_path, "the input")], [Place(output, "the output", "output")])
     check_folder_writable(output, "output")
     if not output.endswith((".csv", ".h5ad")):
         raise SclError(f"{output}: the output must end in .csv or .h5ad.", "output")

@@ -14,6 +14,7 @@ from .errors import SclError
 from .expression import ReadOptions
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, MATRIX_CHOICES
 from .normalize import INPUT_KINDS
+from .places import Place, refuse_clashes
 
 
 def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
@@ -143,6 +144,9 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
         check_output_path(path, out)
     if report:
         check_folder_writable(report, "report")
+    reads = [Place(path, f"the input {path}") for path in paths] + [Place(model, "the model", "model")]
+    writes = [Place(out, f"the output of {path}", "output_dir" if output_dir else "output") for path, out in zip(paths, outputs)]
+    refuse_clashes(reads, writes + ([Place(report, "the report", "report")] if report else []))
     annotator = Annotator(model, device, threads)
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), batch_size=batch_size)

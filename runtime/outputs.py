@@ -103,9 +103,11 @@ class H5adOutput:
         if self.new_file:
             self._skeleton()
         obs = self.obs = self.file["obs"]
-        for column in COLUMNS + VOTING_COLUMNS:
-            if obs_name(KEY, column) in obs:
-                del obs[obs_name(KEY, column)]  # re-annotating replaces the previous calls
+        previous = [obs_name(KEY, c) for c in COLUMNS + VOTING_COLUMNS]
+        for name in previous:
+            if name in obs:
+                del obs[name]  # re-annotating replaces the previous calls, all of them
+        self._column_order([], dropped=previous)
         self.datasets = {c.name: self._column(c) for c in columns}
         self._column_order([obs_name(KEY, c) for c in columns])
         obsm = self.file.require_group("obsm")
@@ -122,8 +124,9 @@ class H5adOutput:
             return _growable(_categorical(self.obs, name, list(self.classes) + [UNASSIGNED]), "codes", np.int16)
         return _growable(self.obs, name, {"float": np.float32, "int": np.int32, "set": STR}.get(column.kind, bool))
 
-    def _column_order(self, names: list[str]) -> None:
-        order = [str(c) for c in self.obs.attrs.get("column-order", []) if str(c) not in names]
+    def _column_order(self, names: list[str], dropped: list[str] = ()) -> None:
+        """obs's column-order ends with `names`; a name listed there without its column makes anndata fail to read."""
+        order = [str(c) for c in self.obs.attrs.get("column-order", []) if str(c) not in names and str(c) not in dropped]
         self.obs.attrs["column-order"] = np.array(order + names, dtype=STR)
 
     def _skeleton(self) -> None:

@@ -104,7 +104,7 @@ def test_bad_models_and_outputs(exported, small_data, tmp_path):
         (["--model", tmp_path / "junk.onnx", "--output", tmp_path / "o.csv"], "not a loadable ONNX model"),
         (["--model", tmp_path / "bare.onnx", "--output", tmp_path / "o.csv"], "without scl metadata"),
         (["--model", tmp_path / "missing.onnx"], "no such model file"),
-        (["--model", exported, "--output", val], "would overwrite the input"),
+        (["--model", exported, "--output", val], "would replace the input"),
         (["--model", exported, "--output", tmp_path / "nowhere" / "o.csv"], "the folder for o.csv does not exist"),
         (["--model", exported, "--output", tmp_path / "o.csv", "--report", tmp_path / "nowhere" / "r.json"], "the folder for r.json does not exist"),
         (["--model", exported, "--output", tmp_path / "o.csv", "--csc-memory-limit", "-1"], "give a positive number of GiB"),
