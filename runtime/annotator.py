@@ -17,12 +17,13 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
-from .bounds import NOT_NEGATIVE_WHOLE, PROBABILITY, check_bounds
+from .bounds import NOT_NEGATIVE_WHOLE, PROBABILITY, Bounds, check_bounds
 from .calls import NOVELTY_ALPHA, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
 from .conformal import set_size_summary
 from .errors import SclError
@@ -48,8 +49,10 @@ class AnnotateOptions:
     min_cell_genes: int | None = None  # cells expressing fewer of the model's genes are 'unassigned'; None: calls.default_min_cell_genes
     alpha: float | None = None  # prediction sets holding the true type for >= 1 - alpha of cells like the calibration cells; novel: p <= alpha
 
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE}
+
     def __post_init__(self):
-        check_bounds(self, {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE})
+        check_bounds(self, self.BOUNDS)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The values a numeric setting may take, checked when its options dataclass is made: one line naming the setting,
+"""The values a setting may take (numbers within bounds, names from a declared list), checked when its options dataclass is made: one line naming the setting,
 what it may be and its default, for the command line (which spells it as the flag) and Python alike."""
 
 from __future__ import annotations
@@ -53,3 +53,10 @@ def check_bounds(options, bounds: dict[str, Bounds]) -> None:
         if not (value is None and defaults[name] is None) and not allowed.holds(value):
             default = "or None (the default)" if defaults[name] is None else f"such as {defaults[name]!r} (the default)"
             raise SclError(f"{name} {value!r}: give {allowed.describe()}, {default}.", name)
+
+
+def check_choice(options, name: str, choices: tuple[str, ...]) -> None:
+    """One line when a setting named from a list (input_kind) holds anything else, in Python as on the command line."""
+    value = getattr(options, name)
+    if not isinstance(value, str) or value not in choices:
+        raise SclError(f"{name} {value!r}: give one of {', '.join(choices)} (exactly so, in lower case).", name)

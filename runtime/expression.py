@@ -14,15 +14,16 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from .bounds import AT_LEAST_ONE, NOT_NEGATIVE_WHOLE, check_bounds
+from .bounds import AT_LEAST_ONE, NOT_NEGATIVE_WHOLE, Bounds, check_bounds, check_choice
 from .errors import SclError
 from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, looks_like_ensembl, to_symbols
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows
 from .in_memory import MemoryMatrix
-from .normalize import check_kind, check_values, detect_input_kind
+from .normalize import INPUT_KINDS, check_kind, check_values, detect_input_kind
 from .text_matrix import TextMatrix, is_text_matrix
 
 
@@ -36,8 +37,11 @@ class ReadOptions:
     csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES
     batch_size: int = 256  # cells per block (measured fastest on 2 cores; scl-annotate --batch-size)
 
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"batch_size": AT_LEAST_ONE, "min_genes": NOT_NEGATIVE_WHOLE, "csc_limit_bytes": AT_LEAST_ONE}
+
     def __post_init__(self):
-        check_bounds(self, {"batch_size": AT_LEAST_ONE, "min_genes": NOT_NEGATIVE_WHOLE})
+        check_bounds(self, self.BOUNDS)
+        check_choice(self, "input_kind", INPUT_KINDS)
 
 
 def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:

@@ -3,6 +3,8 @@
     .venv/bin/python tests/mutants.py            # every mutant, about 10 minutes
     .venv/bin/python tests/mutants.py novelty    # those whose name contains 'novelty'
 
+tests/test_mutants_stay_current.py (in `make test`) checks that every snippet still occurs exactly once, so a change
+that moves the code must bring its mutants along in the same commit.
 Each mutant replaces one exact snippet in one file (the script refuses to run if the snippet is not there exactly
 once), runs the tests named beside it, and restores the file whatever happens. A mutant that no test catches makes
 the script exit 1. Not part of `make test`: it edits the working tree while it runs.
@@ -19,10 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 NOVELTY_TESTS = ["tests/test_calls.py", "tests/test_annotate.py::test_novelty_equals_an_independent_computation_and_scl_trains_count"]
 EXPORT_TESTS = ["tests/test_export.py"]
 CONFORMAL_TESTS = ["tests/test_calls.py"]
+BOUNDARY_TESTS = "tests/test_boundaries.py"
 
 MUTANTS = [
-    ("novelty against the runner-up's limit", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty > novelty_limits[second]", NOVELTY_TESTS),
-    ("novelty > becomes >=", "runtime/calls.py", "novelty > novelty_limits[best]", "novelty >= novelty_limits[best]", NOVELTY_TESTS),
+    ("novelty against the runner-up's limit", "runtime/calls.py", "novelty > rules.novelty_limits[best]", "novelty > rules.novelty_limits[second]", NOVELTY_TESTS),
+    ("novelty > becomes >=", "runtime/calls.py", "novelty > rules.novelty_limits[best]", "novelty >= rules.novelty_limits[best]", NOVELTY_TESTS),
     ("centroids not unit length", "runtime/session.py", "self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)",
      "self.centroids *= 1.5", NOVELTY_TESTS),
     ("min-confidence >= becomes >", "runtime/calls.py", "keep = (confidence >= rules.min_confidence)", "keep = (confidence > rules.min_confidence)", ["tests/test_calls.py"]),
@@ -54,14 +57,32 @@ MUTANTS = [
     ("training kernels not deterministic", "train/device.py", "torch.use_deterministic_algorithms(True, warn_only=True)", "pass",
      ["tests/test_train.py::test_pretraining_twice_with_one_seed_gives_the_same_weights_bit_for_bit"]),
     ("outputs keep mkstemp's 0600", "runtime/atomic.py", "os.chmod(tmp, 0o666 & ~_UMASK)", "pass", ["tests/test_annotate.py::test_input_is_never_modified"]),
+    ("empty cells count in the lognorm test", "runtime/normalize.py", "sums = sums[sums > 0]", "sums = sums",
+     [f"{BOUNDARY_TESTS}::test_a_lognorm_input_whose_first_cell_is_empty_is_still_lognorm"]),
+    ("narrower centroids open", "runtime/model_metadata.py", "len(centroids[0]) != latent", "len(centroids[0]) > latent",
+     [f"{BOUNDARY_TESTS}::test_every_metadata_check_refuses_a_model_that_trips_it"]),
+    ("raw/X before layers/counts", "runtime/h5ad.py", 'for name in ("layers/counts", "raw/X", "X"):', 'for name in ("raw/X", "layers/counts", "X"):',
+     [f"{BOUNDARY_TESTS}::test_auto_prefers_layers_counts_over_a_lognormalised_raw"]),
+    ("upper bounds exclusive", "runtime/bounds.py", "below = value < self.high if self.high_open else value <= self.high", "below = value < self.high",
+     [f"{BOUNDARY_TESTS}::test_every_declared_bound_holds_exactly_at_its_limit"]),
+    ("max-cells > becomes >=", "runtime/serve.py", "if x.shape[0] > max_cells:", "if x.shape[0] >= max_cells:",
+     ["tests/test_serve.py::test_bad_batches_and_limits"]),
+    ("two classes have no runner-up", "runtime/calls.py", "if probs.shape[1] > 1 else best", "if probs.shape[1] > 2 else best",
+     [f"{BOUNDARY_TESTS}::test_second_label_and_probability_against_a_plain_loop"]),
+    ("fp32 rule ignores the embedding", "export/validate.py", ' and result["max_abs_diff_embedding"] <= FP32_TOLERANCE', "",
+     ["tests/test_export.py::test_an_fp32_graph_whose_embedding_alone_is_off_is_refused"]),
 ]
+
+
+def occurrences(path: str, old: str) -> int:
+    return (REPO / path).read_text().count(old)
 
 
 def run_mutant(name: str, path: str, old: str, new: str, tests: list[str]) -> tuple[bool, float]:
     file = REPO / path
     original = file.read_text()
-    if original.count(old) != 1:
-        raise SystemExit(f"{path}: the snippet for {name!r} occurs {original.count(old)} times; update tests/mutants.py.")
+    if occurrences(path, old) != 1:
+        raise SystemExit(f"{path}: the snippet for {name!r} occurs {occurrences(path, old)} times; update tests/mutants.py.")
     started = time.perf_counter()
     try:
         file.write_text(original.replace(old, new))

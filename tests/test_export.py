@@ -136,6 +136,32 @@ def test_an_fp32_graph_that_disagrees_with_torch_is_refused_and_replaces_nothing
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_an_fp32_graph_whose_embedding_alone_is_off_is_refused(run_dir, tmp_path, monkeypatch):
+    """The graph's embedding 2% off unit length, its probabilities exact: the embedding half of the fp32 rule must refuse it."""
+    from click.testing import CliRunner
+
+    import scl.export.onnx_file as onnx_file
+    from scl.export.cli import main as export_main
+
+    real = onnx_file.export_fp32
+
+    class Stretched(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, counts, input_is_lognorm):
+            probabilities, embedding = self.inner(counts, input_is_lognorm)
+            return probabilities, embedding * 1.02
+
+    monkeypatch.setattr(onnx_file, "export_fp32", lambda module, n_genes: real(Stretched(module), n_genes))
+    result = CliRunner().invoke(export_main, [str(run_dir), "--out", str(tmp_path / "m.onnx"), "--sample-cells", "40"])
+    assert result.exit_code == 1 and "disagrees with torch beyond 1e-4" in result.output, result.output
+    assert float(re.search(r"probabilities ([0-9.e+-]+)", result.output).group(1)) <= 1e-4
+    assert float(re.search(r"embedding ([0-9.e+-]+)", result.output).group(1)) > 1e-3
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_warns_exactly_when_it_changes_too_many_labels(exported):
     from scl.export.validate import INT8_AGREEMENT_WARNING
 

@@ -84,6 +84,7 @@ def test_bad_batches_and_limits(client):
         ({"genes": ["CD19", "CD3E"], "values": [[1]]}, 422, "one row per cell"),
         ({"cells": [{"CD19": 1}], "cell_ids": ["a", "b"]}, 422, "'cell_ids' has 2 entries for 1 cells"),
         ({"cells": [{"CD19": 1}] * 101}, 413, "limit is 100"),
+        ({"cells": [{"CD19": 1}] * 100}, 200, "cells"),  # exactly at --max-cells
     ]
     for payload, status, words in cases:
         response = client.post("/predict_batch", json=payload)

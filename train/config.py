@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from scl.runtime.bounds import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, SEED, SHARE, Bounds, check_bounds
 
@@ -30,9 +31,12 @@ class PretrainConfig:
 
     to_dict = asdict
 
-    def __post_init__(self):  # batches of 2 or more: the encoder's batch norm cannot train on one cell
-        check_bounds(self, {"epochs": AT_LEAST_ONE, "batch_size": Bounds(2, whole=True), "lr": POSITIVE, "weight_decay": NOT_NEGATIVE,
-                            "triplet_weight": Bounds(0, 1), "margin": NOT_NEGATIVE, "holdout": Bounds(0, 1, high_open=True), "seed": SEED})
+    # batches of 2 or more: the encoder's batch norm cannot train on one cell
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"epochs": AT_LEAST_ONE, "batch_size": Bounds(2, whole=True), "lr": POSITIVE, "weight_decay": NOT_NEGATIVE,
+                                           "triplet_weight": Bounds(0, 1), "margin": NOT_NEGATIVE, "holdout": Bounds(0, 1, high_open=True), "seed": SEED}
+
+    def __post_init__(self):
+        check_bounds(self, self.BOUNDS)
 
 
 LOSSES = ("ce", "ce+triplet", "ce+triplet+recon")
@@ -70,8 +74,10 @@ class FinetuneConfig:
 
     to_dict = asdict
 
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "val_fraction": SHARE, "calibration_fraction": SHARE, "rank": AT_LEAST_ONE, "alpha": POSITIVE, "lora_dropout": Bounds(0, 1, high_open=True),
+        "lr": POSITIVE, "head_lr": POSITIVE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "triplet_weight": NOT_NEGATIVE,
+        "recon_weight": NOT_NEGATIVE, "margin": NOT_NEGATIVE, "knn_neighbors": AT_LEAST_ONE, "seed": SEED}
+
     def __post_init__(self):
-        check_bounds(self, {"val_fraction": SHARE, "calibration_fraction": SHARE, "rank": AT_LEAST_ONE, "alpha": POSITIVE,
-                            "lora_dropout": Bounds(0, 1, high_open=True), "lr": POSITIVE, "head_lr": POSITIVE, "epochs": AT_LEAST_ONE,
-                            "batch_size": AT_LEAST_ONE, "triplet_weight": NOT_NEGATIVE, "recon_weight": NOT_NEGATIVE,
-                            "margin": NOT_NEGATIVE, "knn_neighbors": AT_LEAST_ONE, "seed": SEED})
+        check_bounds(self, self.BOUNDS)
