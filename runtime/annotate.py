@@ -37,6 +37,9 @@ class FileOptions:
     over_clustering: str | None = None  # an obs column of the input .h5ad with clusters
     min_share: float = voting.MIN_SHARE
 
+    def __post_init__(self):
+        voting.check_min_share(self.min_share)  # before any cell is read, not after the last
+
 
 def check_folder_writable(path: str, option: str) -> None:
     """Refuse an output whose folder is missing or read-only before any work is done."""

@@ -69,7 +69,8 @@ def print_summary(report: dict) -> None:
     votes = report.get("majority_voting")
     if votes:
         click.echo(f"  majority voting over {votes['clusters']:,} clusters ({votes['clusters_from']}): "
-                   f"{votes['heterogeneous_cells']:,} cells in clusters whose top label holds under {votes['min_share']:g} (heterogeneous)")
+                   f"{votes['heterogeneous_cells']:,} cells in clusters whose top label holds under {votes['min_share']:g} (heterogeneous)"
+                   + (f"; {votes['unclustered_cells']:,} cells without a cluster took no part (unclustered)" if votes["unclustered_cells"] else ""))
     width = max(len(k) for k in report["labels"]) if report["labels"] else 5
     for label, n in report["labels"].items():
         click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report['cells'], 1):5.1f}%")
@@ -132,7 +133,7 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
          device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
     from .annotate import FileOptions, annotate_file, check_folder_writable, check_output_path
-    from .annotator import AnnotateOptions, Annotator
+    from .annotator import AnnotateOptions, Annotator, warn_if_min_share_unused
 
     paths = expand_inputs(inputs, shard)
     if not 0 < csc_memory_limit < float("inf"):  # nan fails too
@@ -153,6 +154,7 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes, alpha=alpha)
     annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file
     file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
+    warn_if_min_share_unused(min_share, majority_voting or over_clustering is not None)
     reports = []
     for path, out in zip(paths, outputs):
         result = annotate_file(path, out, annotator, read, options, file_options)

@@ -29,7 +29,7 @@ from .conformal import set_size_summary
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
 from .in_memory import is_anndata, memory_matrix
-from .result import AnnotationResult, BlockCollector
+from .result import AnnotationResult, BlockCollector, check_key_added
 from .session import AnnotationSession, Prediction
 
 log = logging.getLogger("scl")
@@ -312,6 +312,8 @@ class Annotator:
         (2800, 128)
         """
         options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha)
+        voting.check_min_share(min_share)
+        warn_if_min_share_unused(min_share, majority_voting or over_clustering is not None)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
@@ -343,6 +345,11 @@ class Annotator:
 
     def describe(self) -> dict:
         return self.session.describe() | {"notes": self.session.notes}
+
+
+def warn_if_min_share_unused(min_share: float, voting_wanted: bool) -> None:
+    if min_share != voting.MIN_SHARE and not voting_wanted:
+        log.warning(f"min_share {min_share:g} is ignored: it applies to majority voting, which was not asked for (majority_voting, over_clustering).")
 
 
 def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = None, key_added: str = "scl", copy: bool = False,
@@ -381,6 +388,7 @@ def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = N
     if not is_anndata(adata):
         raise SclError(f"scl.annotate takes an AnnData, not a {type(adata).__name__}; for matrices and DataFrames use "
                        "scl.Annotator(model).annotate(X, genes=...).")
+    check_key_added(key_added)
     annotator = model if isinstance(model, Annotator) else Annotator(model, device, threads)
     target = adata.copy() if copy else adata
     result = annotator.annotate(target, layer=layer, use_raw=use_raw, **options)

@@ -8,12 +8,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import voting
-from .calls import VOTING_COLUMNS, Column, as_values, label_names
+from .calls import COLUMNS, VOTING_COLUMNS, Column, as_values, label_names
 from .errors import SclError
 
 
 def obs_name(key_added: str, column: Column) -> str:
     return f"{key_added}_{column.name}"
+
+
+def check_key_added(key_added) -> None:
+    if not isinstance(key_added, str) or not key_added:
+        raise SclError(f"key_added {key_added!r}: give a non-empty string such as 'scl'.", "key_added")
 
 
 def embedding_key(key_added: str) -> str:
@@ -94,8 +99,25 @@ class AnnotationResult:
             frame = frame.join(pd.DataFrame(self.probabilities, index=frame.index, columns=[f"p_{c}" for c in self.classes]))
         return frame
 
-    def _series_values(self, column: Column, pd):
+    def _order_in(self, adata) -> np.ndarray:
+        """Positions of adata's cells in the result: by name where the names are the result's (in any order)."""
+        ids = np.asarray(self.cell_ids, dtype=str)
+        names = np.asarray(adata.obs_names, dtype=str)
+        if adata.n_obs == len(ids) and (names == ids).all():
+            return np.arange(len(ids))
+        position = {name: i for i, name in enumerate(ids)}
+        order = np.array([position.get(name, -1) for name in names], dtype=np.int64)
+        if adata.n_obs != len(ids) or (order < 0).any() or len(position) != len(ids):
+            missing = names[order < 0][:1].tolist() if (order < 0).any() else []
+            raise SclError(f"the result holds {len(ids):,} cells but the AnnData {adata.n_obs:,}"
+                           f"{f', among them {missing[0]!r} that the result lacks' if missing else ''}; "
+                           "write it into the AnnData it came from (its cells in any order).")
+        return order
+
+    def _series_values(self, column: Column, pd, order: np.ndarray | None = None):
         values = self.values(column)
+        if order is not None:
+            values = values[order]
         if column.kind == "label":
             return pd.Categorical(values, categories=list(self.classes) + ["unassigned"])
         if column.kind == "category":
@@ -116,14 +138,16 @@ class AnnotationResult:
         import anndata
         import pandas as pd
 
+        check_key_added(key_added)
         if adata is None:
             adata = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(self.cell_ids.astype(str))))
-        if adata.n_obs != len(self.cell_ids):
-            raise SclError(f"the result holds {len(self.cell_ids)} cells but the AnnData {adata.n_obs}; write it into the AnnData it came from.")
+        order = self._order_in(adata)
+        previous = [obs_name(key_added, c) for c in COLUMNS + VOTING_COLUMNS if obs_name(key_added, c) in adata.obs]
+        adata.obs.drop(columns=previous, inplace=True)  # a second run under one key replaces every column of the first
         for column in self.columns:
-            adata.obs[obs_name(key_added, column)] = self._series_values(column, pd)
-        adata.obsm[embedding_key(key_added)] = self.embedding
-        adata.obsm[probabilities_key(key_added)] = self.probabilities
+            adata.obs[obs_name(key_added, column)] = self._series_values(column, pd, order)
+        adata.obsm[embedding_key(key_added)] = self.embedding[order]
+        adata.obsm[probabilities_key(key_added)] = self.probabilities[order]
         adata.uns[key_added] = {"report_json": json.dumps(self.report), "model": self.report.get("model", {}).get("path", ""),
                                 "provider": self.report.get("model", {}).get("provider", "")}
         return adata

@@ -11,6 +11,7 @@ L2-normalised embedding: memory is the embedding plus the centres, and time grow
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .errors import SclError
 
 MIN_SHARE = 0.5  # below this share of its top label a cluster is 'heterogeneous' (CellTypist's min_prop defaults to 0)
 HETEROGENEOUS = "heterogeneous"
+UNCLUSTERED = "unclustered"  # majority_label of a cell whose cluster id is missing (NaN): it takes no part in the vote
 
 
 def n_clusters_for(n_cells: int) -> int:
@@ -62,27 +64,42 @@ def majority_vote(labels: np.ndarray, clusters, min_share: float = MIN_SHARE) ->
     >>> votes = scl.majority_vote(result.predicted_labels, adata.obs["leiden"])
     >>> votes["majority_label"][:3]
     """
-    clusters = np.asarray(clusters)
-    if len(clusters) != len(labels):
-        raise SclError(f"{len(clusters)} cluster ids for {len(labels)} cells; give one per cell.", "over_clustering")
-    if not 0 <= min_share <= 1:
-        raise SclError(f"min_share {min_share!r}: give a share between 0 and 1.", "min_share")
-    cluster_names, cluster_index = np.unique(clusters.astype(str), return_inverse=True)
-    label_names, label_index = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    clusters = np.asarray(clusters, dtype=object)
+    if clusters.ndim != 1 or len(clusters) != len(labels):
+        raise SclError(f"{clusters.size} cluster ids for {len(labels)} cells; give one per cell.", "over_clustering")
+    check_min_share(min_share)
+    clustered = ~missing(clusters)
+    cluster_names, cluster_index = np.unique(clusters[clustered].astype(str), return_inverse=True)
+    label_names, label_index = np.unique(np.asarray(labels, dtype=str)[clustered], return_inverse=True)
     table = np.zeros((len(cluster_names), len(label_names)), dtype=np.int64)
     np.add.at(table, (cluster_index, label_index), 1)
     top = table.argmax(axis=1)
-    share = table[np.arange(len(top)), top] / table.sum(axis=1)
+    share = table[np.arange(len(top)), top] / np.maximum(table.sum(axis=1), 1)
     majority = np.where(share >= min_share, label_names[top], HETEROGENEOUS).astype(object)
-    return {"cluster": cluster_names[cluster_index].astype(object), "majority_label": majority[cluster_index],
-            "majority_share": share[cluster_index].astype(np.float32)}
+    votes = {"cluster": np.full(len(labels), "", dtype=object), "majority_label": np.full(len(labels), UNCLUSTERED, dtype=object),
+             "majority_share": np.full(len(labels), np.nan, dtype=np.float32)}  # cells without a cluster do not vote
+    votes["cluster"][clustered] = cluster_names[cluster_index]
+    votes["majority_label"][clustered] = majority[cluster_index]
+    votes["majority_share"][clustered] = share[cluster_index]
+    return votes
+
+
+def missing(values: np.ndarray) -> np.ndarray:
+    """Cluster ids that are no cluster: None, NaN (pandas' missing value in a categorical column) and pandas.NA."""
+    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) or type(v).__name__ == "NAType" for v in values], dtype=bool)
+
+
+def check_min_share(min_share) -> None:
+    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0 <= min_share <= 1:
+        raise SclError(f"min_share {min_share!r}: give a share between 0 and 1, such as {MIN_SHARE} (the default).", "min_share")
 
 
 def summary(votes: dict, over_clustering, min_share: float) -> dict:
     """What the run's report says about the votes."""
     given = over_clustering if isinstance(over_clustering, str) else "given per cell" if over_clustering is not None else "automatic (MiniBatchKMeans on the embedding)"
-    return {"clusters_from": given, "clusters": len(np.unique(votes["cluster"])), "min_share": min_share,
-            "heterogeneous_cells": int((votes["majority_label"] == HETEROGENEOUS).sum())}
+    clustered = votes["majority_label"] != UNCLUSTERED
+    return {"clusters_from": given, "clusters": len(np.unique(votes["cluster"][clustered])), "min_share": min_share,
+            "heterogeneous_cells": int((votes["majority_label"] == HETEROGENEOUS).sum()), "unclustered_cells": int((~clustered).sum())}
 
 
 def given_clusters(over_clustering, data, source) -> np.ndarray | None:
@@ -90,7 +107,7 @@ def given_clusters(over_clustering, data, source) -> np.ndarray | None:
     if over_clustering is None:
         return None
     if not isinstance(over_clustering, str):
-        return np.asarray(over_clustering)
+        return _per_cell(over_clustering, source)
     obs = getattr(data, "obs", None)
     columns = list(map(str, obs.columns)) if obs is not None else list(getattr(source.matrix, "obs_columns", None) or [])
     if obs is not None or hasattr(source.matrix, "obs_column"):
@@ -98,3 +115,26 @@ def given_clusters(over_clustering, data, source) -> np.ndarray | None:
             raise SclError(f"{source.path}: obs has no column {over_clustering!r}; choose one of: {', '.join(sorted(columns)) or '(none)'}.", "over_clustering")
         return obs[over_clustering].to_numpy() if obs is not None else source.matrix.obs_column(over_clustering)
     raise SclError(f"clusters by column name need an AnnData or .h5ad input; {source.path} has no obs.", "over_clustering")
+
+
+def _per_cell(clusters, source) -> np.ndarray:
+    """One cluster id per cell, in the cells' order: a pandas Series is aligned on its index (the cells' names), as
+    pandas aligns; a plain sequence is taken by position."""
+    if np.ndim(clusters) != 1:
+        raise SclError(f"over_clustering {clusters!r}: give an obs column name or one cluster id per cell.", "over_clustering")
+    index = getattr(clusters, "index", None)
+    values = np.asarray(getattr(clusters, "to_numpy", lambda: clusters)(), dtype=object)
+    ids = source.cell_ids
+    if index is None or ids is None or len(index) != len(ids):
+        return values
+    names = np.asarray(index, dtype=str)
+    ids = np.asarray(ids, dtype=str)
+    if (names == ids).all():
+        return values
+    position = {name: i for i, name in enumerate(names)}
+    if len(position) == len(names) and all(i in position for i in ids):
+        return values[[position[i] for i in ids]]
+    if type(index).__name__ == "RangeIndex" and index.start == 0 and index.step == 1:
+        return values  # a Series without names of its own: by position
+    raise SclError(f"over_clustering: the Series' index does not name the cells (first cell {ids[0]!r}, first index entry {names[0]!r}); "
+                   "give a Series indexed by obs names, or its values (.to_numpy()) in the cells' order.", "over_clustering")

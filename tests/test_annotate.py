@@ -293,16 +293,28 @@ def big_input(pbmc_path, tmp_path):
     return tmp_path / "big.h5ad"
 
 
-def run_until_its_temporary_file_appears(args, folder):
+def run_until_it_writes_cells(args, folder, source):
+    """Start scl-annotate and return once it is writing cells: its temporary output holds the whole copied input
+    (an .h5ad output starts as a copy of its input), so the run is past start-up and copying, inside the block loop.
+    A condition, not a clock: on a slow, shared machine start-up alone can take many seconds."""
     import subprocess
     import time
 
     from conftest import BIN
 
-    process = subprocess.Popen([str(BIN / "scl-annotate"), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not [p for p in os.listdir(folder) if ".scl-tmp-" in p] and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
+    process = subprocess.Popen([str(BIN / "scl-annotate"), *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    size, deadline = os.path.getsize(source), time.time() + 600  # the deadline only stops a hung run from hanging the suite
+
+    def writing() -> bool:
+        return any(".scl-tmp-" in p and os.path.getsize(folder / p) > size for p in os.listdir(folder) if (folder / p).exists())
+
+    while process.poll() is None and time.time() < deadline:
+        try:
+            if writing():
+                break
+        except FileNotFoundError:  # a temporary file removed between listing and measuring
+            pass
+        time.sleep(0.005)
     return process
 
 
@@ -312,12 +324,12 @@ def test_a_killed_run_removes_its_temporary_file(sig, exported, pbmc_path, tmp_p
 
     source = big_input(pbmc_path, tmp_path)
     (tmp_path / "out").mkdir()
-    process = run_until_its_temporary_file_appears([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
-                                                    "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out")
+    process = run_until_it_writes_cells([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
+                                         "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out", source)
     assert process.poll() is None, "the run ended before it could be signalled"
     process.send_signal(getattr(signal, sig))
-    process.wait(timeout=60)
-    assert process.returncode == 128 + getattr(signal, sig) and "Traceback" not in process.stderr.read()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 128 + getattr(signal, sig) and "Traceback" not in stderr, stderr
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -326,10 +338,11 @@ def test_the_next_run_removes_what_a_sigkilled_run_left(exported, pbmc_path, sma
 
     source = big_input(pbmc_path, tmp_path)
     (tmp_path / "out").mkdir()
-    process = run_until_its_temporary_file_appears([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
-                                                    "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out")
+    process = run_until_it_writes_cells([source, "--model", exported, "--output", tmp_path / "out" / "o.h5ad",
+                                         "--batch-size", "8", "--threads", "1", "--quiet"], tmp_path / "out", source)
+    assert process.poll() is None, "the run ended before it could be signalled"
     process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    process.communicate(timeout=600)
     left = os.listdir(tmp_path / "out")
     assert len(left) == 1 and left[0].startswith(".o.h5ad.scl-tmp-")
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "out" / "o.h5ad", "--quiet")

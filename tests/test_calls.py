@@ -21,18 +21,19 @@ CENTROIDS = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
 
 
 def test_novelty_is_judged_against_the_cells_own_label_and_its_limit():
-    # cell 0: label 0, 60 degrees from its centroid (distance 0.5); its runner-up's limit (0.9) would call it known
-    # cell 1: label 1, on its centroid (distance 0); exactly at a limit of 0: not beyond it
-    emb = np.array([[0.5, math.sqrt(3) / 2, 0], [0, 1, 0]], dtype=np.float32)
-    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], dtype=np.float32)
-    limits = np.array([0.25, 0.0, 0.9], dtype=np.float32)
+    # cell 0: label 0, 60 degrees from its centroid (distance 0.5): beyond its own limit (0.25); its runner-up's
+    # (class 1, 0.9) would call it known
+    # cell 1: label 2, on its centroid (distance 0); exactly at its limit of 0: not beyond it
+    emb = np.array([[0.5, math.sqrt(3) / 2, 0], [0, 0, 1]], dtype=np.float32)
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    limits = np.array([0.25, 0.9, 0.0], dtype=np.float32)
     calls = call_cells(Prediction(probs, emb), CENTROIDS, CallRules(novelty_limits=limits))
-    assert list(calls["label"]) == [0, 1] and list(calls["second_label"]) == [1, 0]
-    expected = 1 - np.sum(emb * CENTROIDS[[0, 1]], axis=1)
+    assert list(calls["label"]) == [0, 2] and list(calls["second_label"]) == [1, 0]
+    expected = 1 - np.sum(emb * CENTROIDS[[0, 2]], axis=1)
     np.testing.assert_allclose(calls["novelty"], expected, atol=1e-6)
-    assert list(calls["novel"]) == [True, False]  # 0.5 > 0.25 (own limit); 0 is not beyond a limit of 0
+    assert list(calls["novel"]) == [True, False]  # 0.5 > 0.25 (own limit, not the runner-up's 0.9); 0 is not beyond 0
     unassigned = call_cells(Prediction(probs, emb), CENTROIDS, CallRules(novelty_limits=limits, unassign_novel=True))
-    assert list(unassigned["label"]) == [-1, 1]
+    assert list(unassigned["label"]) == [-1, 2]
 
 
 def test_min_confidence_keeps_a_cell_exactly_at_the_threshold():

@@ -36,7 +36,7 @@ from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .novelty import class_centroids, unit
 from .roles import CalibrationSplit, split_calibration
-from .run_dir import prepare_run_dir, write_run
+from .run_dir import prepare_run_dir, refuse_finished_run, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
     return [name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -218,6 +218,7 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
 def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
     if config.loss not in LOSSES:
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
+    refuse_finished_run(config.out)
     device = resolve_device(config.device)
     base = load_model_dir(config.base_model)
     train, val, held, classes, y_train, y_val, y_cal = load_data(config, base)

@@ -36,10 +36,15 @@ class TrainedRun:
     calibration: Calibration | None = None  # None in runs written before calibration
 
 
+def refuse_finished_run(path) -> None:
+    """Before any training: a finished run is never written over."""
+    if (Path(path) / "metrics.json").exists():
+        raise SclError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.", "out")
+
+
 def prepare_run_dir(path) -> Path:
+    refuse_finished_run(path)
     path = Path(path)
-    if (path / "metrics.json").exists():
-        raise SclError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,0 +1,99 @@
+"""Wrong answers without a word, found by trying scl as a careless user would (issue 21): each case here gave a
+silently wrong result or a traceback before."""
+
+import json
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import scl
+from scl.runtime.errors import SclError
+
+from conftest import run
+
+
+@pytest.fixture(scope="module")
+def annotator(exported):
+    return scl.Annotator(exported)
+
+
+def test_annotating_twice_under_one_key_replaces_every_column(annotator, pbmc_small):
+    adata = pbmc_small.copy()
+    scl.annotate(adata, annotator, alpha=0.1, majority_voting=True, progress=False)
+    assert {"scl_prediction_set", "scl_set_size", "scl_majority_label"} <= set(adata.obs)
+    scl.annotate(adata, annotator, min_confidence=0.99, progress=False)
+    assert not {"scl_prediction_set", "scl_set_size", "scl_majority_label", "scl_cluster", "scl_majority_share"} & set(adata.obs)
+    fresh = scl.annotate(pbmc_small.copy(), annotator, min_confidence=0.99, copy=True, progress=False)
+    assert [c for c in adata.obs if c.startswith("scl_")] == [c for c in fresh.obs if c.startswith("scl_")]
+    assert (adata.obs["scl_label"] == fresh.obs["scl_label"]).all()
+
+
+def test_to_adata_aligns_on_cell_names_or_refuses(annotator, pbmc_small):
+    result = annotator.annotate(pbmc_small, progress=False)
+    shuffled = pbmc_small[np.random.default_rng(0).permutation(pbmc_small.n_obs)].copy()
+    result.to_adata(shuffled)
+    expected = pd.Series(result.predicted_labels, index=result.cell_ids)
+    assert (shuffled.obs["scl_label"].astype(str) == expected[shuffled.obs_names].to_numpy()).all()
+    np.testing.assert_array_equal(shuffled.obsm["X_scl"], result.embedding[[list(result.cell_ids).index(c) for c in shuffled.obs_names]])
+    other = pbmc_small.copy()
+    other.obs_names = [f"x{i}" for i in range(other.n_obs)]
+    with pytest.raises(SclError, match="among them 'x0' that the result lacks"):
+        result.to_adata(other)
+    with pytest.raises(SclError, match="the result holds 119 cells but the AnnData 30"):
+        result.to_adata(pbmc_small[:30].copy())
+
+
+def test_over_clustering_aligns_a_series_on_obs_names_and_leaves_unclustered_cells_out(annotator, pbmc_small):
+    adata = pbmc_small.copy()
+    clusters = pd.Series(adata.obs["cell_type"].astype(str).to_numpy(), index=adata.obs_names)
+    by_name = annotator.annotate(adata, over_clustering=clusters.sample(frac=1, random_state=0), progress=False)
+    in_order = annotator.annotate(adata, over_clustering=clusters.to_numpy(), progress=False)
+    assert (by_name.calls["majority_label"] == in_order.calls["majority_label"]).all()
+    assert (by_name.calls["cluster"] == adata.obs["cell_type"].astype(str).to_numpy()).all()
+    with pytest.raises(SclError, match="the Series' index does not name the cells"):
+        annotator.annotate(adata, over_clustering=pd.Series(clusters.to_numpy(), index=[f"x{i}" for i in range(adata.n_obs)]), progress=False)
+    adata.obs["leiden"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 4 == 0, None, adata.obs["cell_type"].astype(str)))
+    result = annotator.annotate(adata, over_clustering="leiden", progress=False)
+    unclustered = adata.obs["leiden"].isna().to_numpy()
+    assert (result.calls["majority_label"][unclustered] == "unclustered").all() and (result.calls["cluster"][unclustered] == "").all()
+    assert np.isnan(result.calls["majority_share"][unclustered]).all()
+    assert "nan" not in set(result.calls["cluster"]) and "unclustered" not in set(result.calls["majority_label"][~unclustered])
+    votes = result.report["majority_voting"]
+    assert votes["unclustered_cells"] == unclustered.sum() and votes["clusters"] == 7
+
+
+def test_min_share_is_checked_before_the_work_and_warned_about_when_unused(annotator, exported, pbmc_small, small_data, tmp_path, caplog):
+    for bad in (2, "0.5", -0.1, True):
+        with pytest.raises(SclError, match=r"min_share .*: give a share between 0 and 1"):
+            annotator.annotate(pbmc_small, majority_voting=True, min_share=bad, progress=False)
+    with caplog.at_level(logging.WARNING, logger="scl"):
+        annotator.annotate(pbmc_small[:20], min_share=0.8, progress=False)
+    assert "min_share 0.8 is ignored" in caplog.text
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "o.csv", "--majority-voting",
+                          "--min-share", "2", "--quiet")
+    assert code == 1 and "min_share 2.0: give a share between 0 and 1" in stderr and not (tmp_path / "o.csv").exists()
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", exported, "--output", tmp_path / "o.csv", "--min-share", "0.7", "--quiet")
+    assert code == 0 and "min_share 0.7 is ignored" in stderr
+
+
+@pytest.mark.parametrize("key_added", [5, "", None])
+def test_a_bad_key_added_is_refused_before_any_work(annotator, pbmc_small, key_added):
+    with pytest.raises(SclError, match="key_added .*: give a non-empty string"):
+        scl.annotate(pbmc_small.copy(), annotator, key_added=key_added, progress=False)
+
+
+def test_two_classes_train_and_a_finished_run_is_refused_before_training(base_dir, small_data, tmp_path):
+    cells = ad.read_h5ad(small_data / "train.h5ad")
+    two = cells[cells.obs["cell_type"].isin(["B", "NK"])].copy()
+    two.write_h5ad(tmp_path / "two.h5ad")
+    code, stdout, stderr = run("scl-train", "--base-model", base_dir, "--data", tmp_path / "two.h5ad", "--out", tmp_path / "run",
+                               "--epochs", "1", "--quiet")
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["methods"]["lora"]["top3"] == 1.0  # of two classes, the true one is always among the top 3
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", tmp_path / "two.h5ad", "--out", tmp_path / "run", "--epochs", "1")
+    assert code == 1 and "already holds a finished run" in stderr and "(see --out)" in stderr
+    assert "LoRA" not in stderr  # refused before training began: no progress bar
