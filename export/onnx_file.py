@@ -36,9 +36,8 @@ def save_with_metadata(model: onnx.ModelProto, values: dict, path: Path) -> None
 def save_unchecked(model: onnx.ModelProto, values: dict, path) -> None:
     """Stamp the metadata and write to `path` as it is (scl-export writes a temporary file, validates, then renames)."""
     values = {**values, "weights_sha256": weights_digest(model)}
-    tensors = [(t.name, t.SerializeToString()) for t in model.graph.initializer]
-    values[integrity.KEY] = integrity.content_digest(tensors, meta.parse(meta.encode(values), "model"))
     del model.metadata_props[:]
+    values[integrity.KEY] = integrity.whole_model_digest([model.SerializeToString()], meta.parse(meta.encode(values), "model"))
     for key, value in meta.encode(values).items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))

@@ -143,9 +143,12 @@ class Annotator:
         if alpha is not None:
             if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
                 raise SclError(f"alpha {alpha!r}: give the error rate you accept, between 0 and 1 (such as 0.05 or 0.1).", "alpha")
+            alpha = float(alpha)  # a Fraction or numpy float, as one float for the arithmetic and the report
             if session.calibration is None:
-                raise SclError(f"{session.path}: this model carries no calibration cells (exported before scl kept them); prediction sets "
-                               "and novelty p-values need them: train and export it again with this scl.", "alpha")
+                card = session.meta.get("model_card", {})
+                raise SclError(f"{session.path}: this model carries no calibration cells (exported by scl {card.get('scl_version', '?')} on "
+                               f"{str(card.get('created', '?'))[:10]} from a run without calibration.json); prediction sets and novelty "
+                               "p-values need them: train and export it again with this scl.", "alpha")
         limits, unassign = self._novelty_limits(options.max_novelty)
         min_genes = default_min_cell_genes(len(session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
         return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)

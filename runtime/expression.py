@@ -87,7 +87,7 @@ class ExpressionSource:
         self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
         if isinstance(first[1], SparseRows):
             first[1].check(len(self.gene_symbols), self.path)
-        check_values(first[1], self.path)
+        check_values(first[1], self.path, first[0])
         self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
             self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
@@ -126,9 +126,10 @@ class ExpressionSource:
         `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
         if isinstance(raw, SparseRows):
             raw.check(len(self.gene_symbols), self.path)
-        check_values(raw, self.path)
+        ids = cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows)
+        check_values(raw, self.path, ids)
         if self.kind_checked:
-            check_kind(raw, self.input_kind, cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows), self.path)
+            check_kind(raw, self.input_kind, ids, self.path)
         return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
 
     def genes_detected(self, raw) -> np.ndarray:

@@ -33,8 +33,10 @@ class MemoryMatrix:
     def __init__(self, x, genes, cell_ids=None, var_columns: dict | None = None, name: str = "matrix"):
         if sparse.issparse(x):
             x = x.tocsr() if x.format != "csr" else x  # CSC and others: one conversion, the size of the matrix
-        elif hasattr(x, "toarray") or not isinstance(x, np.ndarray):
-            x = np.asarray(x)
+        else:
+            x = np.asarray(x)  # np.matrix too: its rows would stay 2-D matrices
+        if x.dtype.kind not in "biuf":
+            raise SclError(f"{name}: values of type {x.dtype} are not numbers; give counts (integers) or log1p(CP10k) as a numeric matrix.")
         if x.ndim != 2:
             raise SclError(f"{name}: expected a 2-D matrix of cells x genes, got {x.ndim} dimension(s).")
         if genes is None:
@@ -102,7 +104,12 @@ def from_dataframe(frame) -> MemoryMatrix:
     if len(frame.columns) and all(isinstance(t, pd.SparseDtype) for t in frame.dtypes):
         x = frame.sparse.to_coo().tocsr()
     else:
-        x = frame.to_numpy()
+        numeric = [pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in frame.dtypes]
+        if not all(numeric):
+            column = frame.columns[numeric.index(False)]
+            raise SclError(f"DataFrame: column {column!r} holds {frame.dtypes.iloc[numeric.index(False)]} values, not numbers; cells are rows and "
+                           "genes columns, so move cell metadata into the index (frame.set_index(...)) or drop it.")
+        x = frame.to_numpy(dtype=np.float32, na_value=np.nan)  # nullable Int64 too: a missing value becomes NaN, refused by cell
     return MemoryMatrix(x, frame.columns, frame.index, name="DataFrame")
 
 

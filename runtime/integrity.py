@@ -1,10 +1,13 @@
-"""A model's content digest: its weights and its scl metadata, so that a model changed after export is refused.
+"""A model's content digest: the whole model and its scl metadata, so that a model changed after export is refused.
 
-scl-export stores `scl.content_sha256`: SHA-256 over every top-level initializer of the graph (its serialised bytes,
-in name order) followed by the other scl metadata as canonical JSON. The runtime recomputes it from the file without
-the onnx package (it walks the protobuf wire format to the initializers), so negated weights, a reordered gene list or
-swapped class names are caught when the model is opened. It guards against damage and careless edits, not against
-someone who also recomputes the digest. Models exported before scl stored it still open, unverified, with a note.
+scl-export stores `scl.content_sha256`. From format 2 on it is SHA-256 over the serialised model without its
+metadata_props (every node, attribute, subgraph, initializer, input, output and opset) followed by the other scl
+metadata as canonical JSON: a changed Gemm alpha, a Softmax turned Hardmax or the normalisation's If branches swapped
+are caught like negated weights or swapped class names. Format 1 files hashed their initializers only (in name order)
+and are still verified that way. The runtime recomputes it from the file without the onnx package, walking the
+protobuf wire format. A format-2 file without a digest is refused: scl-export always writes one. It guards against
+damage and careless edits, not against someone who also recomputes the digest. Files from before digests (format 1
+without one) still open, unverified, with a note.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import json
 import mmap
 
 KEY = "content_sha256"
+WHOLE_MODEL_FROM = 2  # the format version from which the digest covers the whole model, not only its initializers
 _GRAPH, _INITIALIZER, _TENSOR_NAME = 7, 5, 8  # ModelProto.graph, GraphProto.initializer, TensorProto.name
+_METADATA_PROPS = 14  # ModelProto.metadata_props: where the digest itself is kept
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2  # StringStringEntryProto.key, .value
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -28,12 +34,14 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf, start: int, end: int):
-    """(field number, start, end) of each length-delimited field in buf[start:end]; other wire types are skipped."""
+def _records(buf, start: int, end: int):
+    """(field number, wire type, record start, payload start, end) of each field record in buf[start:end]."""
     pos = start
     while pos < end:
+        record = pos
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        payload = pos
         if wire == 0:
             _, pos = _varint(buf, pos)
         elif wire == 1:
@@ -41,13 +49,27 @@ def _fields(buf, start: int, end: int):
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            length, pos = _varint(buf, pos)
-            yield field, pos, pos + length
-            pos += length
+            length, payload = _varint(buf, pos)
+            pos = payload + length
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, wire, record, payload, pos
     if pos != end:
         raise ValueError("truncated protobuf message")
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, start, end) of each length-delimited field's payload in buf[start:end]."""
+    for field, wire, _, payload, stop in _records(buf, start, end):
+        if wire == 2:
+            yield field, payload, stop
+
+
+def model_without_metadata(buf) -> list[memoryview]:
+    """The serialised model's records other than metadata_props, in file order: the bytes ModelProto.SerializeToString()
+    gives once its metadata_props are cleared."""
+    view = memoryview(buf)
+    return [view[record:stop] for field, _, record, _, stop in _records(view, 0, len(view)) if field != _METADATA_PROPS]
 
 
 def initializers(buf) -> list[tuple[str, memoryview]]:
@@ -71,14 +93,47 @@ def content_digest(tensors, metadata: dict) -> str:
         h.update(name.encode())
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    h.update(json.dumps({k: v for k, v in metadata.items() if k != KEY}, sort_keys=True, separators=(",", ":")).encode())
+    h.update(_metadata_json(metadata))
     return h.hexdigest()
 
 
+def whole_model_digest(parts, metadata: dict) -> str:
+    """SHA-256 of the model's bytes without metadata_props (given in parts), then the metadata as content_digest adds it."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    h.update(_metadata_json(metadata))
+    return h.hexdigest()
+
+
+def _metadata_json(metadata: dict) -> bytes:
+    return json.dumps({k: v for k, v in metadata.items() if k != KEY}, sort_keys=True, separators=(",", ":")).encode()
+
+
 def file_content_digest(path: str, metadata: dict) -> str:
+    """The digest of the file at `path` as its format version computes it."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        tensors = initializers(buf)
+        whole = metadata.get("format_version", 1) >= WHOLE_MODEL_FROM
+        parts = model_without_metadata(buf) if whole else initializers(buf)
         try:
-            return content_digest(tensors, metadata)
+            return whole_model_digest(parts, metadata) if whole else content_digest(parts, metadata)
         finally:
-            del tensors  # the memoryviews must go before the map closes
+            del parts  # the memoryviews must go before the map closes
+
+
+def file_metadata_props(path: str) -> dict[str, str]:
+    """The model's metadata_props read from the file's bytes, before any runtime loads the graph; ValueError for a file
+    that is not a protobuf message."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        view = memoryview(buf)
+        try:
+            props = {}
+            for field, start, end in _fields(view, 0, len(view)):
+                if field == _METADATA_PROPS:
+                    entry = {f: bytes(view[s:e]).decode() for f, s, e in _fields(view, start, end)}
+                    props[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")
+            return props
+        except (IndexError, UnicodeDecodeError) as err:
+            raise ValueError(f"not a protobuf message ({err})") from None
+        finally:
+            del view

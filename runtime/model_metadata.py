@@ -10,7 +10,7 @@ import json
 
 from .errors import ModelError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the content digest covers the whole graph (integrity.py)
 INPUT_COUNTS = "counts"  # float32 [cells, genes]: values aligned to scl.gene_order
 INPUT_IS_LOGNORM = "input_is_lognorm"  # float32 [1]: 1 skips the in-graph normalisation
 OUTPUTS = ("probabilities", "embedding")

@@ -26,16 +26,21 @@ def _values(block) -> np.ndarray:
     return block if isinstance(block, np.ndarray) else block.data
 
 
-def check_values(block, where: str) -> None:
-    """Refuse NaN, inf and negative values, naming where they are."""
+def check_values(block, where: str, cell_ids=None) -> None:
+    """Refuse NaN, inf and negative values, naming the first cell that holds one (where the ids are known)."""
     values = _values(block)
     if values.dtype.kind == "f" and not np.isfinite(values).all():
-        raise SclError(f"{where}: the matrix holds NaN or infinite values; replace them (e.g. with 0) or fix the upstream step that made them.")
+        raise SclError(f"{where}: {_cell(block, cell_ids, np.flatnonzero(~np.isfinite(values))[0])}holds NaN or infinite values; "
+                       "replace them (e.g. with 0) or fix the upstream step that made them.")
     if values.size and values.min() < 0:
         raise SclError(
-            f"{where}: the matrix holds negative values (min {values.min():.3g}), so it is scaled, not counts; "
-            "use raw counts (the layers/counts or raw/X matrix) or log1p-normalised values.", "matrix"
+            f"{where}: {_cell(block, cell_ids, int(np.argmin(values)))}holds negative values (min {values.min():.3g}), so it is scaled, "
+            "not counts; use raw counts (the layers/counts or raw/X matrix) or log1p-normalised values.", "matrix"
         )
+
+
+def _cell(block, cell_ids, value_index: int) -> str:
+    return "the matrix " if cell_ids is None else f"cell {str(cell_ids[_row_of(block, int(value_index))])!r} "
 
 
 def _row_of(block, value_index: int) -> int:

@@ -38,6 +38,7 @@ class AnnotationSession:
             raise ModelError(f"{path}: no such model file; give the .onnx that scl-export wrote.", "model")
         self.path = path
         self.notes: list[str] = []
+        self._verify()  # before onnxruntime loads (and optimises) a graph that may have been changed
         self.session = self._open(device, threads)
         self.provider = self.session.get_providers()[0]
         self.meta = self._metadata()
@@ -55,13 +56,28 @@ class AnnotationSession:
         props = self.session.get_modelmeta().custom_metadata_map
         width = {o.name: o.shape[-1] for o in self.session.get_outputs()} | {i.name: i.shape[-1] for i in self.session.get_inputs()}
         static = {k: v if isinstance(v, int) else None for k, v in width.items()}
-        values = meta.decode(props, self.path, genes=static.get(meta.INPUT_COUNTS), classes=static.get(meta.OUTPUTS[0]), latent=static.get(meta.OUTPUTS[1]))
+        return meta.decode(props, self.path, genes=static.get(meta.INPUT_COUNTS), classes=static.get(meta.OUTPUTS[0]), latent=static.get(meta.OUTPUTS[1]))
+
+    def _verify(self) -> None:
+        """The content digest recomputed from the file. Files that are not ONNX, or carry no scl metadata, are left to
+        onnxruntime and decode() to refuse in their words."""
+        try:
+            props = integrity.file_metadata_props(self.path)
+        except ValueError:
+            return
+        values = meta.parse(props, self.path)
+        version = values.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or "gene_order" not in values:
+            return
+        if integrity.KEY not in values and version >= integrity.WHOLE_MODEL_FROM:
+            raise ModelError(f"{self.path}: the model's content digest (scl.content_sha256) is missing, though its format ({version}) "
+                             "always carries one: the file was changed after export; export it again from its run.")
         if integrity.KEY not in values:
             self.notes.append(f"{os.path.basename(self.path)} was exported before scl stored a content digest: its weights and metadata are not verified.")
-        elif integrity.file_content_digest(self.path, meta.parse(props, self.path)) != values[integrity.KEY]:
+        elif integrity.file_content_digest(self.path, values) != values[integrity.KEY]:
+            meta.decode(props, self.path)  # metadata broken in a way it can name (a wrong type, names twice) says so first
             raise ModelError(f"{self.path}: the model's weights or metadata differ from what scl-export wrote (content digest mismatch: "
                              "changed or damaged after export); export it again from its run.")
-        return values
 
     def _open(self, device: str, threads: int | None):
         ort = _onnxruntime()

@@ -133,7 +133,7 @@ def test_a_failure_midway_leaves_nothing_behind(exported, pbmc_small, tmp_path):
     bad.write_h5ad(tmp_path / "bad.h5ad")
     (tmp_path / "out").mkdir()
     code, _, stderr = run("scl-annotate", tmp_path / "bad.h5ad", "--model", exported, "--output", tmp_path / "out" / "o.h5ad", "--batch-size", "64")
-    assert code == 1 and "NaN" in stderr
+    assert code == 1 and "NaN" in stderr and f"cell {bad.obs_names[100]!r} holds NaN" in stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -164,9 +164,10 @@ def test_cells_of_types_the_model_never_saw_are_counted_and_unassigned_on_reques
 def metadata_without(model, path, drop=(), add=None):
     """The model as an earlier scl exported it: some metadata keys absent (content digest too), others added."""
     older = onnx.load(str(model))
-    kept = [p for p in older.metadata_props if p.key not in (*drop, "scl.content_sha256")]
+    kept = [p for p in older.metadata_props if p.key not in (*drop, "scl.content_sha256", "scl.format_version")]
     del older.metadata_props[:]
     older.metadata_props.extend(kept)
+    older.metadata_props.add(key="scl.format_version", value="1")  # format 1: digests were not yet always written
     for key, value in (add or {}).items():
         older.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(older, str(path))
@@ -371,6 +372,25 @@ def tampered(exported, tmp_path, kind: str):
         props["scl.centroids"].value = "[[0.1, 0.2"
     elif kind == "wrong type":
         props["scl.classes"].value = json.dumps("B")
+    elif kind == "head scaled by its Gemm alpha":
+        gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+        kept = [a for a in gemm.attribute if a.name != "alpha"]
+        del gemm.attribute[:]
+        gemm.attribute.extend([*kept, onnx.helper.make_attribute("alpha", 0.2)])
+    elif kind == "Softmax made Hardmax":
+        next(n for n in model.graph.node if n.op_type == "Softmax").op_type = "Hardmax"
+    elif kind == "normalisation branches swapped":
+        branch = next(n for n in model.graph.node if n.op_type == "If")
+        then, other = (onnx.helper.get_attribute_value(a) for a in branch.attribute)
+        del branch.attribute[:]
+        branch.attribute.extend([onnx.helper.make_attribute("then_branch", other), onnx.helper.make_attribute("else_branch", then)])
+    elif kind == "a Constant added in a subgraph":
+        branch = next(n for n in model.graph.node if n.op_type == "If")
+        branch.attribute[0].g.node.append(onnx.helper.make_node("Constant", [], ["extra"], value_float=1.0))
+    elif kind == "digest deleted":
+        kept = [p for p in model.metadata_props if p.key != "scl.content_sha256"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
     path = tmp_path / f"{kind.replace(' ', '_')}.onnx"
     onnx.save(model, str(path))
     return path
@@ -380,13 +400,26 @@ def tampered(exported, tmp_path, kind: str):
     ("negated weights", "content digest mismatch"),
     ("swapped classes", "content digest mismatch"),
     ("reversed gene order", "content digest mismatch"),
-    ("one class short", "scl.classes lists 6 classes but the graph outputs 7"),
-    ("gene order off by one", "scl.gene_order lists 28230 genes but the graph reads 28231"),
+    ("one class short", "scl.centroids is not 6 vectors of one width"),  # the graph-width checks: test_boundaries restamps
+    ("gene order off by one", "content digest mismatch"),
     ("invalid JSON", "scl.centroids is not valid JSON"),
     ("wrong type", "scl.classes is not a list of names"),
+    ("head scaled by its Gemm alpha", "content digest mismatch"),
+    ("Softmax made Hardmax", "content digest mismatch"),
+    ("normalisation branches swapped", "content digest mismatch"),
+    ("a Constant added in a subgraph", "content digest mismatch"),
+    ("digest deleted", "content digest (scl.content_sha256) is missing"),
 ])
 def test_a_tampered_model_is_refused_in_one_line(kind, words, exported, small_data, tmp_path):
     model = tampered(exported, tmp_path, kind)
     code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", model, "--output", tmp_path / "o.csv", "--quiet")
     assert code == 1 and words in stderr and str(model) in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_model_loaded_and_saved_again_unchanged_still_verifies(exported, small_data, tmp_path):
+    """The whole-model digest is over protobuf's serialisation: onnx.load + onnx.save of an untouched model gives the
+    same bytes, so a user who re-saves a model is not refused."""
+    onnx.save(onnx.load(str(exported)), str(tmp_path / "resaved.onnx"))
+    code, _, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", tmp_path / "resaved.onnx", "--output", tmp_path / "o.csv", "--quiet")
+    assert code == 0 and "digest" not in stderr, stderr

@@ -154,6 +154,9 @@ METADATA_CASES = {
     "calibration of another width": (lambda v: v["calibration"].update(class_scores=v["calibration"]["class_scores"][:-1]),
                                      "scl.calibration does not hold calibration scores and distances for each of the 7 classes"),
     "calibration without a temperature": (lambda v: v["calibration"].update(temperature=0), "scl.calibration has no positive temperature"),
+    "one class short of the graph": (lambda v: v.update(classes=v["classes"][:-1], centroids=v["centroids"][:-1]),
+                                     "scl.classes lists 6 classes but the graph outputs 7"),
+    "gene order one short of the graph": (lambda v: v.update(gene_order=v["gene_order"][1:]), "scl.gene_order lists 28230 genes but the graph reads 28231"),
     "format from the future": (lambda v: v.update(format_version=99), "model format 99 is newer than this scl reads"),
     "format not a number": (lambda v: v.update(format_version="1"), "scl.format_version is '1', not a number"),
 }

@@ -69,7 +69,8 @@ def test_export_errors(run_dir, tmp_path):
 
     from conftest import BIN
 
-    code, _, stderr = run("scl-export", tmp_path, "--out", tmp_path / "m.onnx")
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run("scl-export", tmp_path / "empty", "--out", tmp_path / "m.onnx")
     assert code == 1 and "metrics.json missing" in stderr
     code, _, stderr = run("scl-export", run_dir, "--out", tmp_path / "no" / "m.onnx")
     assert code == 1 and "no such directory" in stderr

@@ -97,3 +97,38 @@ def test_two_classes_train_and_a_finished_run_is_refused_before_training(base_di
     code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", tmp_path / "two.h5ad", "--out", tmp_path / "run", "--epochs", "1")
     assert code == 1 and "already holds a finished run" in stderr and "(see --out)" in stderr
     assert "LoRA" not in stderr  # refused before training began: no progress bar
+
+
+def test_odd_python_inputs_give_the_same_calls_or_one_line(annotator, pbmc_small):
+    from fractions import Fraction
+
+    dense = pbmc_small.X.toarray()
+    genes = list(pbmc_small.var_names)
+    expected = annotator.annotate(dense, genes=genes, progress=False).predicted_labels
+    assert (annotator.annotate(np.asmatrix(dense), genes=genes, progress=False).predicted_labels == expected).all()
+    frame = pd.DataFrame(dense.astype(np.int64), columns=genes, index=pbmc_small.obs_names).astype("Int64")
+    assert (annotator.annotate(frame, progress=False).predicted_labels == expected).all()
+    frame.iloc[3, 5] = pd.NA
+    with pytest.raises(SclError, match=f"{pbmc_small.obs_names[3]}"):
+        annotator.annotate(frame, progress=False)
+    labelled = pd.DataFrame(dense, columns=genes, index=pbmc_small.obs_names).assign(donor="d1")
+    with pytest.raises(SclError, match="column 'donor' holds object values, not numbers"):
+        annotator.annotate(labelled, progress=False)
+    with pytest.raises(SclError, match="are not numbers"):
+        annotator.annotate(dense.astype(str), genes=genes, progress=False)
+    by_fraction = annotator.annotate(dense, genes=genes, alpha=Fraction(1, 20), progress=False)
+    by_float = annotator.annotate(dense, genes=genes, alpha=0.05, progress=False)
+    assert (by_fraction.calls["prediction_set"] == by_float.calls["prediction_set"]).all() and by_fraction.report["prediction_sets"]["alpha"] == 0.05
+    with pytest.raises(SclError, match="over_clustering 0: give an obs column name or one cluster id per cell"):
+        annotator.annotate(pbmc_small, over_clustering=0, progress=False)
+
+
+def test_export_refuses_a_run_whose_calibration_went_missing(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "calibration.json").unlink()
+    code, _, stderr = run("scl-export", copy, "--out", tmp_path / "m.onnx")
+    assert code == 1 and "calibration.json is missing, though metrics.json records a calibration" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()

@@ -81,12 +81,17 @@ def load_run(path) -> TrainedRun:
     if len(classes) != head.out_features or head.in_features != model.latent_dim:
         raise SclError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
     limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
-    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, json.loads((path / "metrics.json").read_text()), limits, read_calibration(path, len(classes)))
+    metrics = json.loads((path / "metrics.json").read_text())
+    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, metrics, limits, read_calibration(path, len(classes), metrics))
 
 
-def read_calibration(path: Path, n_classes: int) -> Calibration | None:
+def read_calibration(path: Path, n_classes: int, metrics: dict) -> Calibration | None:
+    """The run's calibration; None only for runs trained before scl calibrated (their metrics.json records none)."""
     file = path / "calibration.json"
     if not file.is_file():
+        if "calibration" in metrics:
+            raise SclError(f"{file} is missing, though metrics.json records a calibration: the run is incomplete; "
+                           "copy the whole run folder again (or train again). Without it the model would lose prediction sets and novelty p-values.")
         return None
     try:
         calibration = Calibration.from_metadata(json.loads(file.read_text()))
