@@ -151,7 +151,9 @@ def annotate_cli(h5ad: str, model: Path, out_dir: Path, device: str = "cpu") -> 
            "--report", str(report), "--device", device]
     probe = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"scl-annotate failed in the benchmark: {done.stderr.strip()}")
     wall = time.perf_counter() - t
     result = json.loads(report.read_text())
     return {"cells_per_second": result["cells_per_second"], "wall_seconds": round(wall, 2), "peak_rss_mb": int(done.stdout.split()[-1]) / 1024}

@@ -9,6 +9,7 @@ import torch
 
 from scl.export.graph import AnnotationModel
 from scl.export.onnx_file import convert_fp16, export_fp32, quantize_int8, save_with_metadata
+from scl.runtime import model_metadata as meta
 from scl.train.model_dir import SCimilarityModel
 from scl.train.nn import Decoder, Encoder
 
@@ -24,7 +25,7 @@ def random_model(genes: list[str], n_classes: int = 10, seed: int = 0) -> tuple[
 
 
 def write_onnx(model: SCimilarityModel, head, path) -> tuple:
-    values = {"format_version": 1, "gene_order": model.gene_order, "classes": model.labels,
+    values = {"format_version": meta.FORMAT_VERSION, "gene_order": model.gene_order, "classes": model.labels,
               "normalization": {"target_sum": 1e4, "log1p": True, "aligned_first": True}, "input": {"name": "counts"},
               "model_card": {"name": "random weights for benchmarks"}, "centroids": np.eye(len(model.labels), 128).tolist()}
     module = AnnotationModel(model.encoder, head).eval()

@@ -37,7 +37,7 @@ def save_unchecked(model: onnx.ModelProto, values: dict, path) -> None:
     """Stamp the metadata and write to `path` as it is (scl-export writes a temporary file, validates, then renames)."""
     values = {**values, "weights_sha256": weights_digest(model)}
     del model.metadata_props[:]
-    values[integrity.KEY] = integrity.whole_model_digest([model.SerializeToString()], meta.parse(meta.encode(values), "model"))
+    values[integrity.KEY] = integrity.digest_of(model.SerializeToString(), meta.parse(meta.encode(values), "model"))  # by its format's rule
     for key, value in meta.encode(values).items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))

@@ -5,7 +5,7 @@ metadata_props (every node, attribute, subgraph, initializer, input, output and 
 metadata as canonical JSON: a changed Gemm alpha, a Softmax turned Hardmax or the normalisation's If branches swapped
 are caught like negated weights or swapped class names. Format 1 files hashed their initializers only (in name order)
 and are still verified that way. The runtime recomputes it from the file without the onnx package, walking the
-protobuf wire format. A format-2 file without a digest is refused: scl-export always writes one. It guards against
+protobuf wire format, over the very bytes onnxruntime is then given (session.py). A format-2 file without a digest is refused: scl-export always writes one. It guards against
 damage and careless edits, not against someone who also recomputes the digest. Files from before digests (format 1
 without one) still open, unverified, with a note.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 
 KEY = "content_sha256"
 WHOLE_MODEL_FROM = 2  # the format version from which the digest covers the whole model, not only its initializers
@@ -110,30 +109,26 @@ def _metadata_json(metadata: dict) -> bytes:
     return json.dumps({k: v for k, v in metadata.items() if k != KEY}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def file_content_digest(path: str, metadata: dict) -> str:
-    """The digest of the file at `path` as its format version computes it."""
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        whole = metadata.get("format_version", 1) >= WHOLE_MODEL_FROM
-        parts = model_without_metadata(buf) if whole else initializers(buf)
-        try:
-            return whole_model_digest(parts, metadata) if whole else content_digest(parts, metadata)
-        finally:
-            del parts  # the memoryviews must go before the map closes
+def digest_of(data: bytes, metadata: dict) -> str:
+    """The digest of a serialised model as its format version computes it; ValueError where data is not a protobuf message."""
+    version = metadata.get("format_version", 1)
+    whole = not isinstance(version, int) or version >= WHOLE_MODEL_FROM  # a version that is not a number: refused on loading
+    try:
+        return whole_model_digest(model_without_metadata(data), metadata) if whole else content_digest(initializers(data), metadata)
+    except (IndexError, UnicodeDecodeError) as err:
+        raise ValueError(f"not a protobuf message ({err})") from None
 
 
-def file_metadata_props(path: str) -> dict[str, str]:
-    """The model's metadata_props read from the file's bytes, before any runtime loads the graph; ValueError for a file
-    that is not a protobuf message."""
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        view = memoryview(buf)
-        try:
-            props = {}
-            for field, start, end in _fields(view, 0, len(view)):
-                if field == _METADATA_PROPS:
-                    entry = {f: bytes(view[s:e]).decode() for f, s, e in _fields(view, start, end)}
-                    props[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")
-            return props
-        except (IndexError, UnicodeDecodeError) as err:
-            raise ValueError(f"not a protobuf message ({err})") from None
-        finally:
-            del view
+def metadata_props(data: bytes) -> dict[str, str]:
+    """A serialised model's metadata_props, read before any runtime parses the graph; ValueError where data is not a
+    protobuf message."""
+    view = memoryview(data)
+    props = {}
+    try:
+        for field, start, end in _fields(view, 0, len(view)):
+            if field == _METADATA_PROPS:
+                entry = {f: bytes(view[s:e]).decode() for f, s, e in _fields(view, start, end)}
+                props[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")
+    except (IndexError, UnicodeDecodeError) as err:
+        raise ValueError(f"not a protobuf message ({err})") from None
+    return props

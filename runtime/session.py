@@ -38,8 +38,10 @@ class AnnotationSession:
             raise ModelError(f"{path}: no such model file; give the .onnx that scl-export wrote.", "model")
         self.path = path
         self.notes: list[str] = []
-        self._verify()  # before onnxruntime loads (and optimises) a graph that may have been changed
-        self.session = self._open(device, threads)
+        data = self._read()  # verified, then handed to onnxruntime: the bytes checked are the bytes run
+        self._verify(data)
+        self.session = self._open(device, threads, data)
+        del data
         self.provider = self.session.get_providers()[0]
         self.meta = self._metadata()
         self.gene_order = GeneIndex(self.meta["gene_order"])  # aligned against for every file and request
@@ -58,11 +60,18 @@ class AnnotationSession:
         static = {k: v if isinstance(v, int) else None for k, v in width.items()}
         return meta.decode(props, self.path, genes=static.get(meta.INPUT_COUNTS), classes=static.get(meta.OUTPUTS[0]), latent=static.get(meta.OUTPUTS[1]))
 
-    def _verify(self) -> None:
-        """The content digest recomputed from the file. Files that are not ONNX, or carry no scl metadata, are left to
-        onnxruntime and decode() to refuse in their words."""
+    def _read(self) -> bytes:
         try:
-            props = integrity.file_metadata_props(self.path)
+            with open(self.path, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise ModelError(f"{self.path}: cannot read the model ({err.strerror}); check the path and its permissions.", "model") from None
+
+    def _verify(self, data: bytes) -> None:
+        """The content digest recomputed from the model's bytes. Files that are not ONNX, or carry no scl metadata, are
+        left to onnxruntime and decode() to refuse in their words."""
+        try:
+            props = integrity.metadata_props(data)
         except ValueError:
             return
         values = meta.parse(props, self.path)
@@ -74,12 +83,19 @@ class AnnotationSession:
                              "always carries one: the file was changed after export; export it again from its run.")
         if integrity.KEY not in values:
             self.notes.append(f"{os.path.basename(self.path)} was exported before scl stored a content digest: its weights and metadata are not verified.")
-        elif integrity.file_content_digest(self.path, values) != values[integrity.KEY]:
+        elif self._digest(data, values) != values[integrity.KEY]:
             meta.decode(props, self.path)  # metadata broken in a way it can name (a wrong type, names twice) says so first
             raise ModelError(f"{self.path}: the model's weights or metadata differ from what scl-export wrote (content digest mismatch: "
                              "changed or damaged after export); export it again from its run.")
 
-    def _open(self, device: str, threads: int | None):
+    @staticmethod
+    def _digest(data: bytes, values: dict) -> str | None:
+        try:
+            return integrity.digest_of(data, values)
+        except ValueError:
+            return None  # unreadable beyond its metadata: a mismatch
+
+    def _open(self, device: str, threads: int | None, data: bytes):
         ort = _onnxruntime()
         options = ort.SessionOptions()
         if threads:
@@ -94,7 +110,7 @@ class AnnotationSession:
             # with the provider's own error lines silenced in favour of one sentence.
             ort.set_default_logger_severity(4)
             options.log_severity_level = 4
-            session = self._create(ort, options, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+            session = self._create(ort, options, ["CUDAExecutionProvider", "CPUExecutionProvider"], data)
             ort.set_default_logger_severity(2)
             options.log_severity_level = 2
             if "CUDAExecutionProvider" in session.get_providers():
@@ -103,11 +119,11 @@ class AnnotationSession:
                 raise SclError(f"device cuda: {CUDA_UNUSABLE.split(';')[0]}; install the CUDA and cuDNN versions this onnxruntime-gpu build requires (onnxruntime.ai, CUDA provider requirements) or use the CPU.", "device")
             self.notes.append(CUDA_UNUSABLE)
             return session
-        return self._create(ort, options, ["CPUExecutionProvider"])
+        return self._create(ort, options, ["CPUExecutionProvider"], data)
 
-    def _create(self, ort, options, providers):
+    def _create(self, ort, options, providers, data: bytes):
         try:
-            return ort.InferenceSession(self.path, options, providers=providers)
+            return ort.InferenceSession(data, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for bad files
             first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise ModelError(f"{self.path}: not a loadable ONNX model ({first}); export it again with scl-export.") from None
