@@ -84,9 +84,8 @@ class ExpressionSource:
         first = next(stream, None)
         if first is None:
             raise SclError(f"{self.path}: the file holds no cells.")
+        first = (first[0], self._checked(first[1]))
         self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
-        if isinstance(first[1], SparseRows):
-            first[1].check(len(self.gene_symbols), self.path)
         check_values(first[1], self.path, first[0])
         self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
@@ -109,7 +108,8 @@ class ExpressionSource:
         return self.matrix.blocks(self.options.batch_size)
 
     def raw_blocks(self):
-        """(cell ids, the block as stored): dense rows or SparseRows, not yet checked or aligned."""
+        """(cell ids, the block as stored): dense rows or SparseRows (consistent, repeats summed), values not yet
+        checked, not aligned."""
         seen = set() if self.cell_ids is None else None
         if self._peeked is not None:
             first, rest = self._peeked
@@ -119,13 +119,18 @@ class ExpressionSource:
         for ids, raw in stream:
             if seen is not None:
                 _refuse_duplicate_ids(ids, self.path, seen)
-            yield ids, raw
+            yield ids, self._checked(raw)
+
+    def _checked(self, raw):
+        """A sparse block's arrays checked against each other, its repeated entries summed; dense blocks as they are."""
+        if not isinstance(raw, SparseRows):
+            return raw
+        raw.check(len(self.gene_symbols), self.path)
+        return raw.summed(len(self.gene_symbols))
 
     def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
-        """A raw block checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
+        """A block from raw_blocks() checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
         `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
-        if isinstance(raw, SparseRows):
-            raw.check(len(self.gene_symbols), self.path)
         ids = cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows)
         check_values(raw, self.path, ids)
         if self.kind_checked:

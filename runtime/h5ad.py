@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+from scipy import sparse
 
 from .errors import SclError
 
@@ -47,6 +48,17 @@ class SparseRows:
         if n and (self.indices.min() < 0 or self.indices.max() >= n_cols):
             raise SclError(f"{where}: the sparse matrix is corrupt (gene index {int(self.indices.max())} or {int(self.indices.min())} outside 0-{n_cols - 1}); "
                            "write it again with anndata (adata.write_h5ad).")
+
+
+    def summed(self, n_cols: int) -> SparseRows:
+        """The block with repeated (cell, gene) entries added up, as scipy's sum_duplicates does (a checked block).
+        Normalising them one by one would take log1p of each part, and genes_detected would count a gene twice."""
+        rows = sparse.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n_rows, n_cols), copy=False)
+        if rows.has_canonical_format:  # sorted, no repeats: what anndata writes; one C pass to know
+            return self
+        rows = rows.copy()  # never change a caller's arrays
+        rows.sum_duplicates()
+        return SparseRows(rows.data, rows.indices, rows.indptr)
 
 
 def row_ranges(n_rows: int, size: int):

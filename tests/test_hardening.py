@@ -132,3 +132,37 @@ def test_export_refuses_a_run_whose_calibration_went_missing(run_dir, tmp_path):
     code, _, stderr = run("scl-export", copy, "--out", tmp_path / "m.onnx")
     assert code == 1 and "calibration.json is missing, though metrics.json records a calibration" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def split_entries(x):
+    """The same counts with each row's entries split in two and the order reversed: a non-canonical CSR matrix
+    (repeated (cell, gene) entries, unsorted indices) that scipy reads as the same matrix."""
+    from scipy import sparse
+
+    x = sparse.csr_matrix(x)
+    data, indices, indptr = [], [], [0]
+    for row in range(x.shape[0]):
+        lo, hi = x.indptr[row], x.indptr[row + 1]
+        values, genes = x.data[lo:hi][::-1], x.indices[lo:hi][::-1]
+        half = np.floor(values / 2)
+        data += [*half[half > 0], *(values - half)]
+        indices += [*genes[half > 0], *genes]
+        indptr.append(len(data))
+    split = sparse.csr_matrix((np.array(data, np.float32), np.array(indices), np.array(indptr)), shape=x.shape)
+    assert not split.has_canonical_format and abs(split - x).max() == 0
+    return split
+
+
+def test_repeated_sparse_entries_are_summed_in_memory_and_in_files(annotator, pbmc_small, tmp_path):
+    canonical = annotator.annotate(pbmc_small, progress=False)
+    messy = pbmc_small.copy()
+    messy.X = split_entries(pbmc_small.X)
+    in_memory = annotator.annotate(messy, progress=False)
+    path = tmp_path / "messy.h5ad"
+    messy.write_h5ad(path)
+    from_file = annotator.annotate(str(path), progress=False)
+    for result in (in_memory, from_file):
+        assert (result.calls["genes_detected"] == canonical.calls["genes_detected"]).all()
+        assert (result.predicted_labels == canonical.predicted_labels).all()
+        np.testing.assert_allclose(result.embedding, canonical.embedding, atol=1e-5)
+    assert messy.X.nnz > pbmc_small.X.nnz  # the input's own arrays are left as they were
