@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -178,9 +178,19 @@ class Annotator:
         if isinstance(data, (str, os.PathLike)):
             return ExpressionSource(data, self.session.gene_order, read)
         if is_anndata(data) and data.isbacked:  # read from its file, block by block, like scl-annotate
-            read.matrix = f"layers/{layer}" if layer else "raw/X" if use_raw else "X" if use_raw is False else "auto"
-            return ExpressionSource(str(data.filename), self.session.gene_order, read)
+            return self._open_backed(data, read, layer, use_raw)
         return ExpressionSource(memory_matrix(data, genes, cell_ids, layer, use_raw), self.session.gene_order, read)
+
+    def _open_backed(self, adata, read: ReadOptions, layer, use_raw) -> ExpressionSource:
+        """A backed AnnData (or a view of one: its cells, in its order) read from its file."""
+        matrix = f"layers/{layer}" if layer else "raw/X" if use_raw else "X" if use_raw is False else "auto"
+        cells = np.asarray(adata.obs_names, dtype=str) if adata.is_view else None
+        source = ExpressionSource(str(adata.filename), self.session.gene_order, replace(read, matrix=matrix, cell_names=cells))
+        if adata.is_view and source.matrix_name != "raw/X" and len(source.gene_symbols) != adata.n_vars:
+            source.close()
+            raise SclError(f"{adata.filename}: this backed view keeps {adata.n_vars:,} of the file's {len(source.gene_symbols):,} genes, and scl "
+                           "reads whole cells from the file: annotate a view of cells only (adata[cells]), or load it with .to_memory().")
+        return source
 
     def prepare(self, source: ExpressionSource, raw, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
         """A raw block checked, aligned and normalised (log1p CP10k on its nonzeros): the model's input rows."""
@@ -392,8 +402,18 @@ def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = N
         raise SclError(f"scl.annotate takes an AnnData, not a {type(adata).__name__}; for matrices and DataFrames use "
                        "scl.Annotator(model).annotate(X, genes=...).")
     check_key_added(key_added)
+    refuse_backed_copy(adata, copy)
     annotator = model if isinstance(model, Annotator) else Annotator(model, device, threads)
     target = adata.copy() if copy else adata
     result = annotator.annotate(target, layer=layer, use_raw=use_raw, **options)
     result.to_adata(target, key_added)
     return target if copy else None
+
+
+def refuse_backed_copy(adata, copy: bool) -> None:
+    """anndata copies a backed object (or turns a backed view into one, as writing its obs does) only into a new file."""
+    if adata.isbacked and (copy or adata.is_view):
+        what = "copy=True on a backed AnnData" if copy else "a view of a backed AnnData"
+        raise SclError(f"scl.annotate with {what}: anndata cannot copy backed data without a file, and writing results into a view copies it; "
+                       "use scl.Annotator(model).annotate(adata) for a result object (result.to_frame()), or adata.to_memory() first.")
+

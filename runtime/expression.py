@@ -36,6 +36,7 @@ class ReadOptions:
     min_genes: int | None = None  # None: SCimilarity's 5,000 of 28,231, scaled to the model's size
     csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES
     batch_size: int = 256  # cells per block (measured fastest on 2 cores; scl-annotate --batch-size)
+    cell_names: np.ndarray | None = None  # h5ad: only these cells (obs names), in this order, as a backed AnnData view holds them
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"batch_size": AT_LEAST_ONE, "min_genes": NOT_NEGATIVE_WHOLE, "csc_limit_bytes": AT_LEAST_ONE}
 
@@ -47,7 +48,7 @@ class ReadOptions:
 def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:
     if is_text_matrix(path):
         return TextMatrix(path, options.genes_as_rows)
-    return H5adFile(path, options.matrix, options.csc_limit_bytes)
+    return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names)
 
 
 class ExpressionSource:

@@ -18,6 +18,7 @@ from .errors import SclError
 
 MATRIX_CHOICES = ("auto", "X", "layers/counts", "raw/X")
 DEFAULT_CSC_LIMIT_BYTES = 2 * 1024**3
+SPAN_READ_FACTOR = 4  # a view's block is read as one span when the span holds under 4 rows per row wanted
 
 
 @dataclass
@@ -50,15 +51,22 @@ class SparseRows:
                            "write it again with anndata (adata.write_h5ad).")
 
 
+    def to_scipy(self, n_cols: int) -> sparse.csr_matrix:
+        return sparse.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n_rows, n_cols), copy=False)
+
+    @classmethod
+    def from_scipy(cls, rows: sparse.csr_matrix) -> SparseRows:
+        return cls(rows.data, rows.indices, rows.indptr)
+
     def summed(self, n_cols: int) -> SparseRows:
         """The block with repeated (cell, gene) entries added up, as scipy's sum_duplicates does (a checked block).
         Normalising them one by one would take log1p of each part, and genes_detected would count a gene twice."""
-        rows = sparse.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n_rows, n_cols), copy=False)
+        rows = self.to_scipy(n_cols)
         if rows.has_canonical_format:  # sorted, no repeats: what anndata writes; one C pass to know
             return self
         rows = rows.copy()  # never change a caller's arrays
         rows.sum_duplicates()
-        return SparseRows(rows.data, rows.indices, rows.indptr)
+        return SparseRows.from_scipy(rows)
 
 
 def row_ranges(n_rows: int, size: int):
@@ -162,6 +170,35 @@ class Matrix:
             )
         return csc_to_csr(data[()], indices[()], indptr[()], self.shape)
 
+    def rows_at(self, positions: np.ndarray) -> np.ndarray | SparseRows:
+        """The rows at `positions` (any order), in that order. Read in file order: the whole span when the rows are
+        dense in it, else each run of consecutive rows (a view of a few cells spread over a large file)."""
+        order = np.argsort(positions, kind="stable")
+        wanted = positions[order]
+        if wanted[-1] - wanted[0] < SPAN_READ_FACTOR * len(wanted):
+            block, at = self.rows(int(wanted[0]), int(wanted[-1]) + 1), wanted - wanted[0]
+        else:
+            starts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)
+            stops = np.append(starts[1:], len(wanted))
+            parts = [self.rows(int(wanted[a]), int(wanted[b - 1]) + 1) for a, b in zip(starts, stops)]
+            block, at = self._stack(parts), np.arange(len(wanted))
+        picked = np.empty_like(at)
+        picked[order] = at  # the row of `block` each asked position is
+        return self._take(block, picked)
+
+    def _stack(self, parts):
+        if self.format == "dense":
+            return np.concatenate(parts)
+        for part in parts:
+            part.check(self.shape[1], self.elem.file.filename)
+        return SparseRows.from_scipy(sparse.vstack([p.to_scipy(self.shape[1]) for p in parts], format="csr"))
+
+    def _take(self, block, rows: np.ndarray):
+        if self.format == "dense":
+            return block[rows]
+        block.check(self.shape[1], self.elem.file.filename)
+        return SparseRows.from_scipy(block.to_scipy(self.shape[1])[rows])
+
     def rows(self, start: int, stop: int) -> np.ndarray | SparseRows:
         if self.format == "dense":
             return self.elem[start:stop]
@@ -176,7 +213,7 @@ class Matrix:
 class H5adFile:
     """An .h5ad opened for reading cells: which matrix, its gene names, its cell ids."""
 
-    def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES):
+    def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES, cell_names=None):
         self.path = path
         self.file = open_h5ad(path)
         try:
@@ -198,6 +235,23 @@ class H5adFile:
                 f"{path}: {self.matrix_name} is {self.matrix.shape[0]} x {self.matrix.shape[1]} but obs/var "
                 f"hold {n_obs} x {n_var}; the file is inconsistent: write it again with anndata."
             )
+        self.positions = None if cell_names is None else self._positions(np.asarray(cell_names, dtype=str))
+        if self.positions is not None:
+            self.cell_ids = self.cell_ids[self.positions]
+
+    def _positions(self, names: np.ndarray) -> np.ndarray:
+        """Where the named cells (a backed view's obs names) are in the file's obs."""
+        ids = self.cell_ids.astype(str)
+        order = np.argsort(ids, kind="stable")
+        at = np.searchsorted(ids, names, sorter=order).clip(max=len(ids) - 1)
+        found = ids[order[at]] == names
+        if not len(names):
+            self.file.close()
+            raise SclError(f"{self.path}: the view holds no cells; nothing to annotate.")
+        if not found.all():
+            self.file.close()
+            raise SclError(f"{self.path}: the view names {names[~found][0]!r}, which the file's obs lacks; annotate a view of this file.")
+        return order[at]
 
     def _choose_matrix(self, wanted: str) -> str:
         present = [name for name in MATRIX_CHOICES[1:] if name in self.file]
@@ -216,14 +270,16 @@ class H5adFile:
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""
         for start, stop in row_ranges(len(self.cell_ids), size):
-            yield self.cell_ids[start:stop], self.matrix.rows(start, stop)
+            rows = self.matrix.rows(start, stop) if self.positions is None else self.matrix.rows_at(self.positions[start:stop])
+            yield self.cell_ids[start:stop], rows
 
     def obs_column(self, key: str) -> np.ndarray:
         if key not in self.obs_columns:
             raise SclError(
                 f"{self.path}: obs has no column {key!r}; choose one of: {', '.join(sorted(self.obs_columns)) or '(none)'}."
             )
-        return read_array(self.obs_columns[key])
+        values = read_array(self.obs_columns[key])
+        return values if self.positions is None else values[self.positions]
 
     def var_column(self, key: str) -> np.ndarray:
         if key not in self.var_columns:

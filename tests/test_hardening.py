@@ -166,3 +166,28 @@ def test_repeated_sparse_entries_are_summed_in_memory_and_in_files(annotator, pb
         assert (result.predicted_labels == canonical.predicted_labels).all()
         np.testing.assert_allclose(result.embedding, canonical.embedding, atol=1e-5)
     assert messy.X.nnz > pbmc_small.X.nnz  # the input's own arrays are left as they were
+
+
+def test_a_backed_view_is_annotated_as_its_cells_in_its_order(annotator, pbmc_path, tmp_path):
+    in_memory = annotator.annotate(ad.read_h5ad(pbmc_path), progress=False)
+    label_of = dict(zip(in_memory.cell_ids, in_memory.predicted_labels))
+    dense = ad.read_h5ad(pbmc_path)[::4].copy()
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    spread = np.random.default_rng(0).choice(700, 40, replace=False)  # unsorted, over the file: read in runs
+    for path in (pbmc_path, tmp_path / "dense.h5ad"):
+        backed = ad.read_h5ad(path, backed="r")
+        for view in (backed[backed.obs.cell_type == "NK"], backed[[5, 3, 1]], backed[spread], backed[: 2 * 256 + 7]):
+            result = annotator.annotate(view, progress=False)
+            assert list(result.cell_ids) == list(view.obs_names)
+            assert [label_of[c] for c in result.cell_ids] == list(result.predicted_labels)
+    backed = ad.read_h5ad(pbmc_path, backed="r")
+    with pytest.raises(SclError, match="keeps 100 of the file's 8,846 genes"):
+        annotator.annotate(backed[:, :100], progress=False)
+    with pytest.raises(SclError, match="the view holds no cells"):
+        annotator.annotate(backed[backed.obs.cell_type == "none"], progress=False)
+    for view, copy in ((backed[[5, 3, 1]], False), (backed, True)):
+        with pytest.raises(SclError, match="anndata cannot copy backed data without a file"):
+            scl.annotate(view, annotator, copy=copy, progress=False)
+    scl.annotate(backed, annotator, progress=False)  # in place on the whole backed object: obs is in memory
+    assert (backed.obs["scl_label"].to_numpy() == in_memory.predicted_labels).all()
