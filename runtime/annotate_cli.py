@@ -59,6 +59,10 @@ def print_summary(report: dict) -> None:
         hint = "labelled unassigned" if novelty["unassigned_if_novel"] else "--max-novelty auto labels them unassigned"
         click.echo(f"  novel: {novelty['novel_cells']:,} cells ({share:.1f}%), {novelty['rule']}; far more means types or data the model "
                    f"does not know: {hint}")
+    unassigned = report.get("unassigned")
+    if unassigned:
+        click.echo("  unassigned: " + "; ".join(f"{e['cells']:,} {reason}" + (f" ({e['rule']})" if "rule" in e else "") + f", see --{e['setting'].replace('_', '-')}"
+                                           for reason, e in unassigned.items()))
     sets = report.get("prediction_sets")
     if sets:
         click.echo(f"  prediction sets at alpha {sets['alpha']:g}: mean size {sets['mean_set_size']:.2f}, single {100 * sets['single']:.1f}%, "
@@ -107,7 +111,7 @@ auto labels them unassigned.
 @click.option("--probabilities", is_flag=True, help="Also write every class's probability.")
 @click.option("--min-confidence", default=0.0, show_default=True, help="Cells below this probability are labelled 'unassigned'.")
 @click.option("--min-cell-genes", type=int, help="Cells expressing fewer of the model's genes are labelled 'unassigned' "
-              "(default: 200 of 28,231, the same share of smaller models; column genes_detected).")
+              "(default: 200 per 28,231 of the model's genes the input holds, at least 20; columns genes_detected, unassigned_reason).")
 @click.option("--max-novelty", help="Label novel cells 'unassigned': auto (calibrated models: novelty p <= --alpha, 0.01 without it; older "
               "models: their per-class limits) or a cosine distance to the label's centroid (0-2). Default: count them only.")
 @click.option("--alpha", type=float, help="Error rate you accept (calibrated models): write each cell's prediction set, which holds the "

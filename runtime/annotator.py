@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import voting
 from .bounds import NOT_NEGATIVE_WHOLE, PROBABILITY, Bounds, check_bounds
-from .calls import NOVELTY_ALPHA, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
+from .calls import NOVELTY_ALPHA, REASON_CATEGORIES, REASONS, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
 from .conformal import set_size_summary
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
@@ -71,6 +71,7 @@ class RunTally:
     cells: int = 0
     novel: int = 0
     set_sizes: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # unassigned cells per reason (calls.REASONS)
 
     def add(self, block: AnnotatedBlock, classes: list[str]) -> None:
         self.labels.update(label_names(classes, block.calls["label"]))
@@ -78,6 +79,7 @@ class RunTally:
         self.novel += int(block.calls["novel"].sum()) if "novel" in block.calls else 0
         if "set_size" in block.calls:
             self.set_sizes.update(block.calls["set_size"].tolist())
+        self.reasons.update(REASON_CATEGORIES[code] for code in block.calls["unassigned_reason"][block.calls["label"] < 0])
 
 
 class Annotator:
@@ -137,8 +139,10 @@ class Annotator:
         probe = Prediction(np.full((1, n), 1 / n, np.float32), self.session.centroids[:1])
         return present(call_cells(probe, self.session.centroids, self.rules(options or AnnotateOptions()), self.classes))
 
-    def rules(self, options: AnnotateOptions) -> CallRules:
-        """The options checked against this model, as call_cells takes them."""
+    def rules(self, options: AnnotateOptions, genes_shown: int | None = None) -> CallRules:
+        """The options checked against this model, as call_cells takes them. `genes_shown`: how many of the model's
+        genes the input holds (what min_cell_genes scales with); None: all of them (a request's gene map shows only
+        the genes a cell expresses, so it cannot say)."""
         session, alpha = self.session, options.alpha
         if alpha is not None:
             if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
@@ -150,7 +154,8 @@ class Annotator:
                                f"{str(card.get('created', '?'))[:10]} from a run without calibration.json); prediction sets and novelty "
                                "p-values need them: train and export it again with this scl.", "alpha")
         limits, unassign = self._novelty_limits(options.max_novelty)
-        min_genes = default_min_cell_genes(len(session.gene_order)) if options.min_cell_genes is None else options.min_cell_genes
+        shown = len(session.gene_order) if genes_shown is None else genes_shown
+        min_genes = default_min_cell_genes(shown) if options.min_cell_genes is None else options.min_cell_genes
         return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)
 
     def _novelty_limits(self, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
@@ -199,8 +204,8 @@ class Annotator:
     def predict(self, rows: np.ndarray) -> Prediction:
         return self.session.predict(rows, is_lognorm=True)  # normalised by prepare(), not densely in the graph
 
-    def call(self, pred: Prediction, options: AnnotateOptions, genes_detected: np.ndarray | None = None) -> Calls:
-        return call_cells(pred, self.session.centroids, self.rules(options), self.classes, genes_detected)
+    def call(self, pred: Prediction, rules: CallRules, genes_detected: np.ndarray | None = None) -> Calls:
+        return call_cells(pred, self.session.centroids, rules, self.classes, genes_detected)
 
     def stream(self, source: ExpressionSource, options: AnnotateOptions | None = None):
         """AnnotatedBlock per block of `source`, in order, with at most threads + 1 blocks in memory.
@@ -211,15 +216,14 @@ class Annotator:
         >>> for block in annotator.stream(source):
         ...     print(block.cell_ids[0], block.calls["label"][0])
         """
-        options = options or AnnotateOptions()
-        self.rules(options)  # a bad value fails before any block
+        rules = self.rules(options or AnnotateOptions(), source.alignment.matched)  # a bad value fails before any block
         local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
 
         def annotate_block(ids, raw):
             if not hasattr(local, "buffer"):
                 local.buffer = source.block_buffer()
             pred = self.predict(self.prepare(source, raw, local.buffer, ids))
-            return AnnotatedBlock(ids, self.call(pred, options, source.genes_detected(raw)), pred.embedding, pred.probabilities)
+            return AnnotatedBlock(ids, self.call(pred, rules, source.genes_detected(raw)), pred.embedding, pred.probabilities)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             pending = deque()
@@ -234,8 +238,8 @@ class Annotator:
         """The run's summary, as scl-annotate's --report and uns['scl'] hold it."""
         model = self.session.describe() | {"notes": self.session.notes, "parallel_blocks": self.workers}
         model.pop("classes")
-        rules = self.rules(options)
-        extra |= {"novelty": self._novelty_report(options, rules, tally)}
+        rules = self.rules(options, source.alignment.matched)
+        extra |= {"novelty": self._novelty_report(options, rules, tally), "unassigned": self._unassigned_report(rules, tally, source)}
         if rules.set_alpha is not None:
             sizes = np.repeat(np.fromiter(tally.set_sizes, int), np.fromiter(tally.set_sizes.values(), int))
             extra["prediction_sets"] = {"alpha": rules.set_alpha, **set_size_summary(sizes, len(self.classes)),
@@ -244,6 +248,15 @@ class Annotator:
                 "min_confidence": options.min_confidence,
                 "min_cell_genes": rules.min_cell_genes, "seconds": round(seconds, 3),
                 "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
+
+    @staticmethod
+    def _unassigned_report(rules: CallRules, tally: RunTally, source: ExpressionSource) -> dict:
+        """How many cells are unassigned for each reason, and the setting that changes it."""
+        report = {reason: {"cells": tally.reasons[reason], "setting": setting} for reason, setting in REASONS.items() if tally.reasons[reason]}
+        if "few_genes" in report:
+            report["few_genes"]["rule"] = (f"fewer than {rules.min_cell_genes:,} of the {source.alignment.matched:,} model genes this input holds "
+                                           "are expressed")
+        return report
 
     def _novelty_report(self, options: AnnotateOptions, rules: CallRules, tally: RunTally) -> dict:
         if rules.novelty_limits is None and rules.calibration is None:

@@ -32,12 +32,12 @@ class Column:
     Examples
     --------
     >>> [c.name for c in scl.COLUMNS]
-    ['label', 'confidence', 'second_label', 'second_probability', 'novelty', 'novelty_p', 'genes_detected', 'novel', 'prediction_set', 'set_size']
+    ['label', 'confidence', 'second_label', 'second_probability', 'novelty', 'novelty_p', 'genes_detected', 'novel', 'prediction_set', 'set_size', 'unassigned_reason']
     >>> Column("entropy", "float", "entropy of the probabilities")   # plus its computation in call_cells
     """
 
     name: str
-    kind: str  # "label": class index (-1 unassigned), written as names; "category", "set": strings; "float"; "int"; "bool"
+    kind: str  # "label": class index (-1 unassigned), written as names; "reason": REASON_CATEGORIES index; "category", "set": strings; "float"; "int"; "bool"
     doc: str
 
 
@@ -52,7 +52,11 @@ COLUMNS = (
     Column("novel", "bool", "unlike the calibration cells: novelty p <= alpha (calibrated models), else beyond the label's limit"),
     Column("prediction_set", "set", "the types that, at the given alpha, cannot be ruled out, most probable first ('|' between)"),
     Column("set_size", "int", "how many types the prediction set holds (0: unassigned)"),
+    Column("unassigned_reason", "reason", "why the cell is unassigned (the first of: few_genes, low_confidence, novel, empty_set); '' if assigned"),
 )
+REASONS = {  # why a cell is unassigned, in the order they are judged, and the setting that changes it
+    "few_genes": "min_cell_genes", "low_confidence": "min_confidence", "novel": "max_novelty", "empty_set": "alpha"}
+REASON_CATEGORIES = ("", *REASONS)  # what the reason column's codes stand for; "": assigned
 VOTING_COLUMNS = (
     Column("cluster", "category", "the over-clustering cluster the cell belongs to"),
     Column("majority_label", "category", "the most frequent label of the cell's cluster, or 'heterogeneous'"),
@@ -65,10 +69,16 @@ def cosine_distance(embedding: np.ndarray, unit_centroids: np.ndarray, labels: n
     return (1.0 - np.sum(embedding * unit_centroids[labels], axis=1)).astype(np.float32)
 
 
-def default_min_cell_genes(n_model_genes: int) -> int:
-    """200 of SCimilarity's 28,231 genes (scanpy's usual min_genes), the same share of smaller gene orders. Real cells
-    measured 236 (PBMC, early 10x) to 640 (brain) at the least; a request with 3 genes is not a cell to call."""
-    return max(1, math.ceil(200 * n_model_genes / 28231))
+MIN_CELL_GENES_FLOOR = 20  # a cell with fewer measured genes than this is not called, however narrow its input
+
+
+def default_min_cell_genes(genes_shown: int) -> int:
+    """200 of SCimilarity's 28,231 genes (scanpy's usual min_genes), as the same share of the genes an input can show
+    (the model's genes it holds), and never under MIN_CELL_GENES_FLOOR. Full-transcriptome cells measured 236 (PBMC,
+    early 10x) to 640 (brain) at the least; a highly-variable-gene subset shows far fewer of the model's genes (PBMC
+    cells on 481 of them: median 188), and held to 200 most such cells would be unassigned for the input's width, not
+    for being empty."""
+    return max(MIN_CELL_GENES_FLOOR, math.ceil(200 * genes_shown / 28231))
 
 
 @dataclass
@@ -109,14 +119,18 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
         if rules.novelty_limits is None:
             novel = calls["novelty_p"] <= rules.novelty_alpha
             calls["novel"] = novel
-    keep = (confidence >= rules.min_confidence) & ~(novel & rules.unassign_novel)
-    keep &= (genes_detected >= rules.min_cell_genes) | (genes_detected < 0)
+    failed = {"few_genes": (genes_detected < rules.min_cell_genes) & (genes_detected >= 0),
+              "low_confidence": confidence < rules.min_confidence, "novel": novel & rules.unassign_novel}
     if rules.calibration is not None and rules.set_alpha is not None:
         in_set = rules.calibration.prediction_sets(probs, rules.set_alpha)
         calls["prediction_set"] = set_names(in_set, probs, classes)
         calls["set_size"] = in_set.sum(axis=1).astype(np.int32)
-        keep &= calls["set_size"] > 0
-    calls["label"] = np.where(keep, best, -1)
+        failed["empty_set"] = calls["set_size"] == 0
+    reason = np.zeros(len(best), dtype=np.int8)
+    for name in reversed(list(failed)):  # the first reason judged is the one given
+        reason[failed[name]] = REASON_CATEGORIES.index(name)
+    calls["label"] = np.where(reason == 0, best, -1)
+    calls["unassigned_reason"] = reason
     return calls
 
 
@@ -130,13 +144,17 @@ def label_names(classes: list[str], index: np.ndarray) -> np.ndarray:
 
 
 def as_values(column: Column, values: np.ndarray, classes: list[str]) -> np.ndarray:
-    """A column's values as users read them: names for labels, the stored values otherwise."""
+    """A column's values as users read them: names for labels and reasons, the stored values otherwise."""
+    if column.kind == "reason":
+        return np.array(REASON_CATEGORIES, dtype=object)[values]
     return label_names(classes, values) if column.kind == "label" else values
 
 
 def json_value(column: Column, value, classes: list[str]):
     if column.kind == "label":
         return classes[value] if value >= 0 else UNASSIGNED
+    if column.kind == "reason":
+        return REASON_CATEGORIES[value]
     if column.kind == "float":
         return float(value)
     if column.kind == "int":

@@ -17,7 +17,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .calls import COLUMNS, UNASSIGNED, VOTING_COLUMNS, Column, as_values
+from .calls import COLUMNS, REASON_CATEGORIES, UNASSIGNED, VOTING_COLUMNS, Column, as_values
 from .result import embedding_key, obs_name, probabilities_key
 
 STR = h5py.string_dtype()
@@ -122,6 +122,8 @@ class H5adOutput:
         name = obs_name(KEY, column)
         if column.kind == "label":
             return _growable(_categorical(self.obs, name, list(self.classes) + [UNASSIGNED]), "codes", np.int16)
+        if column.kind == "reason":
+            return _growable(_categorical(self.obs, name, list(REASON_CATEGORIES)), "codes", np.int8)
         return _growable(self.obs, name, {"float": np.float32, "int": np.int32, "set": STR}.get(column.kind, bool))
 
     def _column_order(self, names: list[str], dropped: list[str] = ()) -> None:

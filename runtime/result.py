@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import voting
-from .calls import COLUMNS, VOTING_COLUMNS, Column, as_values, label_names
+from .calls import COLUMNS, REASON_CATEGORIES, VOTING_COLUMNS, Column, as_values, label_names
 from .errors import SclError
 
 
@@ -120,6 +120,8 @@ class AnnotationResult:
             values = values[order]
         if column.kind == "label":
             return pd.Categorical(values, categories=list(self.classes) + ["unassigned"])
+        if column.kind == "reason":
+            return pd.Categorical(values, categories=list(REASON_CATEGORIES))
         if column.kind == "category":
             return pd.Categorical(values.astype(str))
         return values

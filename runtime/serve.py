@@ -209,7 +209,7 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         return annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
 
     def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, request: Options, cell_ids) -> list[dict]:
-        calls = annotator.call(pred, AnnotateOptions(progress=False, alpha=request.alpha), detected)
+        calls = annotator.call(pred, annotator.rules(AnnotateOptions(progress=False, alpha=request.alpha)), detected)
         columns = present(calls)
         k = min(request.top_k, len(session.classes))
         order = np.argsort(-pred.probabilities, axis=1)[:, :k]

@@ -38,8 +38,8 @@ def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_d
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     source = ad.read_h5ad(val)
     assert list(out.obs_names) == list(source.obs_names) and out.shape == source.shape
-    assert list(out.obs.columns[-8:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty",
-                                          "scl_novelty_p", "scl_genes_detected", "scl_novel"]
+    assert list(out.obs.columns[-9:]) == ["scl_label", "scl_confidence", "scl_second_label", "scl_second_probability", "scl_novelty",
+                                          "scl_novelty_p", "scl_genes_detected", "scl_novel", "scl_unassigned_reason"]
     assert out.obsm["X_scl"].shape == (70, 16) and out.obsm["scl_probabilities"].shape == (70, 7)
     np.testing.assert_allclose(out.obsm["scl_probabilities"].sum(1), 1, atol=1e-5)
     report = json.loads(out.uns["scl"]["report_json"])

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from scl.runtime.calls import CallRules, call_cells
+from scl.runtime.calls import COLUMNS, CallRules, as_values, call_cells
 from scl.runtime.conformal import Calibration, set_size_summary
 from scl.runtime.errors import GeneOverlapError
 from scl.runtime.genes import align_genes, default_min_overlap
@@ -62,7 +62,17 @@ def test_cells_expressing_too_few_of_the_models_genes_are_unassigned():
     probs = np.array([[0.9, 0.05, 0.05]] * 3, dtype=np.float32)
     calls = call_cells(Prediction(probs, CENTROIDS[[0, 0, 0]]), CENTROIDS, CallRules(min_cell_genes=200), genes_detected=np.array([199, 200, 5000]))
     assert list(calls["label"]) == [-1, 0, 0] and list(calls["genes_detected"]) == [199, 200, 5000]
-    assert default_min_cell_genes(28231) == 200 and default_min_cell_genes(2000) == 15
+    assert list(as_values(COLUMNS[-1], calls["unassigned_reason"], [])) == ["few_genes", "", ""]
+    assert default_min_cell_genes(28231) == 200 and default_min_cell_genes(8000) == 57 and default_min_cell_genes(2000) == 20
+
+
+def test_each_unassigned_cell_gets_the_first_reason_that_applies():
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05]], dtype=np.float32)
+    far = CENTROIDS[[1, 1, 0, 1, 0]]  # cells 0, 1 and 3 sit on another class's centroid: novel for label 0
+    rules = CallRules(min_confidence=0.5, novelty_limits=np.full(3, 0.5, np.float32), unassign_novel=True, min_cell_genes=10)
+    calls = call_cells(Prediction(probs, far), CENTROIDS, rules, genes_detected=np.array([5, 50, 50, 50, 50]))
+    assert list(as_values(COLUMNS[-1], calls["unassigned_reason"], [])) == ["few_genes", "low_confidence", "low_confidence", "novel", ""]
+    assert list(calls["label"]) == [-1, -1, -1, -1, 0]
 
 
 def classifier_outputs(n: int, rng, n_classes: int = 4):

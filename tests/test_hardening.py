@@ -191,3 +191,30 @@ def test_a_backed_view_is_annotated_as_its_cells_in_its_order(annotator, pbmc_pa
             scl.annotate(view, annotator, copy=copy, progress=False)
     scl.annotate(backed, annotator, progress=False)  # in place on the whole backed object: obs is in memory
     assert (backed.obs["scl_label"].to_numpy() == in_memory.predicted_labels).all()
+
+
+def test_a_narrow_input_is_held_to_the_share_of_genes_it_can_show(exported, pbmc_path, tmp_path):
+    """The 500 most variable genes of real PBMCs (485 in the model): cells express a median of about 190 of them.
+    Held to 200, most would be unassigned for the input's width; the rule scales with the genes the input holds."""
+    adata = ad.read_h5ad(pbmc_path)[::5]
+    x = adata.X.toarray()
+    logged = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+    narrow = adata[:, np.sort(np.argsort(-logged.var(0))[:500])].copy()
+    narrow.write_h5ad(tmp_path / "narrow.h5ad")
+    outcomes = {}
+    for name, extra in (("default", ()), ("at_200", ("--min-cell-genes", 200))):
+        out, report = tmp_path / f"{name}.csv", tmp_path / f"{name}.json"
+        code, stdout, stderr = run("scl-annotate", tmp_path / "narrow.h5ad", "--model", exported, "--output", out, "--report", report, "--min-genes", 100, *extra)
+        assert code == 0, stderr
+        outcomes[name] = (pd.read_csv(out, keep_default_na=False), json.loads(report.read_text()), stdout)
+    calls, report, stdout = outcomes["default"]
+    assert report["input"]["genes"]["matched"] == 485 and report["min_cell_genes"] == 20
+    assert (calls["genes_detected"] >= 20).all() and (calls["label"] != "unassigned").all() and "few_genes" not in report["unassigned"]
+    calls, report, stdout = outcomes["at_200"]
+    short = calls["genes_detected"] < 200
+    assert short.mean() > 0.3  # what the unscaled rule did to this input
+    assert (calls.loc[short, "unassigned_reason"] == "few_genes").all() and (calls.loc[short, "label"] == "unassigned").all()
+    assert (calls.loc[~short, "unassigned_reason"] == "").all()
+    assert report["unassigned"]["few_genes"] == {"cells": int(short.sum()), "setting": "min_cell_genes",
+                                                 "rule": "fewer than 200 of the 485 model genes this input holds are expressed"}
+    assert f"unassigned: {int(short.sum()):,} few_genes (fewer than 200 of the 485 model genes this input holds are expressed), see --min-cell-genes" in stdout
