@@ -15,14 +15,14 @@ import asyncio
 import math
 import os
 from importlib.metadata import version
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from scipy import sparse
 
 from .annotator import AnnotateOptions, Annotator
@@ -34,36 +34,40 @@ from .in_memory import MemoryMatrix
 from .session import Prediction
 
 InputKind = Literal["auto", "counts", "lognorm"]
+Number = Annotated[float, Strict()]  # a JSON number: "5" and true are refused, not coerced
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model reads float32: 1e308 would become infinite
 
 
-def _finite(values) -> None:
-    bad = [v for v in values if not math.isfinite(v) or v < 0]
-    if bad:
-        raise ValueError(f"values must be finite and non-negative (got {bad[0]})")
+def _check_values(values, names) -> None:
+    """Refuse the first value that is not a finite, non-negative float32, naming where it is."""
+    for name, value in zip(names, values):
+        if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+            raise ValueError(f"{name} is {value!r}: values must be finite, non-negative and at most {FLOAT32_MAX:.3g} (float32)")
 
 
 class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("alhpa") is refused, not dropped
     top_k: int = Field(3, ge=1, le=100)
     input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
     alpha: float | None = Field(None, gt=0, lt=1, description="error rate for prediction sets and novelty (calibrated models), e.g. 0.05")
 
 
 class Cell(Options):
-    expression: dict[str, float] = Field(description="gene symbol -> raw count (or log1p(CP10k) with input_kind='lognorm')", min_length=1)
+    expression: dict[str, Number] = Field(description="gene symbol -> raw count (or log1p(CP10k) with input_kind='lognorm')", min_length=1)
 
     @field_validator("expression")
     @classmethod
     def _check(cls, v):
-        _finite(v.values())
+        _check_values(v.values(), (f"expression[{gene!r}]" for gene in v))
         return v
 
 
 class Batch(Options):
     """Either `cells` (one gene map per cell) or the columnar form: `genes` once and `values` per cell."""
 
-    cells: list[dict[str, float]] | None = None
+    cells: list[dict[str, Number]] | None = None
     genes: list[str] | None = None
-    values: list[list[float]] | None = None
+    values: list[list[Number]] | None = None
     cell_ids: list[str] | None = None
 
     @model_validator(mode="after")
@@ -73,11 +77,11 @@ class Batch(Options):
         if self.genes is not None:
             if self.values is None or any(len(row) != len(self.genes) for row in self.values):
                 raise ValueError("'values' needs one row per cell with one number per entry of 'genes'")
-            for row in self.values:
-                _finite(row)
+            for i, row in enumerate(self.values):
+                _check_values(row, (f"values[{i}][{j}] ({gene!r})" for j, gene in enumerate(self.genes)))
         else:
-            for cell in self.cells:
-                _finite(cell.values())
+            for i, cell in enumerate(self.cells):
+                _check_values(cell.values(), (f"cells[{i}][{gene!r}]" for gene in cell))
         n = len(self.cells if self.cells is not None else self.values)
         if self.cell_ids is not None and len(self.cell_ids) != n:
             raise ValueError(f"'cell_ids' has {len(self.cell_ids)} entries for {n} cells")
@@ -184,6 +188,10 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind and kind != "application/json" and not kind.endswith("+json"):  # FastAPI does not read such a body as JSON
+            return JSONResponse(status_code=415, content={"detail": f"the body is sent as {kind}; send JSON with the header "
+                                                                    "Content-Type: application/json"})
         # FastAPI's own reply echoes the input, which fails to serialise when it holds NaN or Infinity (a 500)
         detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": detail})

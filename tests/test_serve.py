@@ -72,6 +72,10 @@ def test_metadata_endpoints(client):
     ({"expression": {"CD19": 3}, "top_k": 0}, 422, "top_k"),
     ({"expression": {"NOT_A_GENE": 3}}, 422, "only 0 of the model's 28231 genes"),
     ({"expression": {"CD19": 3}, "input_kind": "tpm"}, 422, "input_kind"),
+    ({"expression": {"CD19": "5"}}, 422, "valid number"),  # not coerced
+    ({"expression": {"CD19": True}}, 422, "valid number"),
+    ({"expression": {"CD19": 3}, "alhpa": 0.1}, 422, "alhpa"),  # a misspelt field is refused, not dropped
+    ({"expression": {"CD19": 1e308}}, 422, "expression['CD19'] is 1e+308: values must be finite, non-negative and at most 3.4e+38"),
 ])
 def test_bad_single_payloads(client, payload, status, words):
     response = client.post("/predict", json=payload)
@@ -93,6 +97,13 @@ def test_bad_batches_and_limits(client):
     assert big.status_code == 413
     broken = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert broken.status_code == 422
+    plain = client.post("/predict", content=b'{"expression": {"CD19": 3}}', headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "send JSON with the header Content-Type: application/json" in plain.json()["detail"]
+    for payload, words in (({"genes": ["CD19", "CD3E"], "values": [[1, 2], [3, 1e39]]}, "values[1][1] ('CD3E') is 1e+39"),
+                           ({"cells": [{"CD19": 1}, {"CD3E": -2}]}, "cells[1]['CD3E'] is -2"),
+                           ({"cells": [{"CD19": 1}], "top_k": 2, "cell_id": ["a"]}, "cell_id")):
+        response = client.post("/predict_batch", json=payload)
+        assert response.status_code == 422 and words in json.dumps(response.json()), response.json()
 
 
 def free_port() -> int:
