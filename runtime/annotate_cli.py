@@ -67,7 +67,10 @@ def print_summary(report: dict) -> None:
     if sets:
         click.echo(f"  prediction sets at alpha {sets['alpha']:g}: mean size {sets['mean_set_size']:.2f}, single {100 * sets['single']:.1f}%, "
                    f"empty (unassigned) {100 * sets['empty']:.1f}%, every type {100 * sets['every_class']:.1f}%: {sets['promise']}")
-        if sets["degenerate"]:
+        if sets["alpha"] < sets["smallest_alpha"]:
+            click.secho(f"  warning: alpha {sets['alpha']:g} is below what the model's calibration cells support ({sets['smallest_alpha']:.2g}): "
+                        "every set holds every type; use a larger --alpha or calibrate on more cells.", fg="yellow", err=True)
+        elif sets["degenerate"]:
             click.secho("  warning: most sets hold (nearly) every type: they cover trivially and say little; the model cannot tell these "
                         "cells' types apart at this alpha (try a larger --alpha).", fg="yellow", err=True)
     votes = report.get("majority_voting")

@@ -10,6 +10,7 @@ matmul stalls whenever the reader takes one of its cores, while independent runs
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import threading
@@ -33,6 +34,12 @@ from .result import AnnotationResult, BlockCollector, check_key_added
 from .session import AnnotationSession, Prediction
 
 log = logging.getLogger("scl")
+
+
+def percent(share: float, alpha: float) -> str:
+    """A share as a percentage with the digits alpha needs: 99.9% at alpha 0.001, not a rounded 100%."""
+    digits = max(0, math.ceil(-math.log10(min(alpha, 1 - alpha))) - 2)
+    return f"{share:.{digits}%}"
 
 
 def available_cores() -> int:
@@ -243,7 +250,8 @@ class Annotator:
         if rules.set_alpha is not None:
             sizes = np.repeat(np.fromiter(tally.set_sizes, int), np.fromiter(tally.set_sizes.values(), int))
             extra["prediction_sets"] = {"alpha": rules.set_alpha, **set_size_summary(sizes, len(self.classes)),
-                                        "promise": self.set_promise(rules.set_alpha)}
+                                        "promise": self.set_promise(rules.set_alpha),
+                                        "smallest_alpha": round(1 / (self.session.calibration.cells + 1), 6)}
         return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
                 "min_confidence": options.min_confidence,
                 "min_cell_genes": rules.min_cell_genes, "seconds": round(seconds, 3),
@@ -268,17 +276,25 @@ class Annotator:
         else:
             rule = (f"novelty p <= {rules.novelty_alpha:g} among the label's calibration cells: "
                     f"about {rules.novelty_alpha:.0%} of cells like them are flagged, by construction")
-            n = rules.calibration.cells
+            n, reachable = rules.calibration.cells, rules.calibration.smallest_novelty_p()
             if not rules.calibration.group_is_enough(n, rules.novelty_alpha):
                 rule += (f"; but this model has only {n} calibration cells, so no p-value can reach {rules.novelty_alpha:g} and no cell is "
                          f"flagged: use alpha {1 / (n + 1):.2g} or more, or calibrate on more cells")
+            elif rules.novelty_alpha < reachable:
+                rule += (f"; but the cells of some types are judged against too few calibration cells for p to reach {rules.novelty_alpha:g} "
+                         f"(the smallest p there is {reachable:.2g}), so they are never flagged: use alpha {reachable:.2g} or more")
         return {"rule": rule, "alpha": rules.novelty_alpha if rules.novelty_limits is None else None,
                 "novel_cells": tally.novel, "unassigned_if_novel": rules.unassign_novel}
 
     def set_promise(self, alpha: float) -> str:
         calibration = self.session.calibration
-        text = (f"each set holds the true type for at least {1 - alpha:.0%} of cells like the model's {calibration.cells:,} calibration "
-                "cells (same kind of data); for other data it is a measurement, not a promise")
+        smallest = 1 / (calibration.cells + 1)
+        if alpha < smallest:
+            return (f"the model's {calibration.cells:,} calibration cells support alpha {smallest:.2g} or more: at alpha {alpha:g} no "
+                    f"threshold exists, so every set holds every type (covering trivially); use alpha {smallest:.2g} or more, or "
+                    "calibrate on more cells")
+        text = (f"each set holds the true type for at least {percent(1 - alpha, alpha)} of cells like the model's {calibration.cells:,} "
+                "calibration cells (same kind of data); for other data it is a measurement, not a promise")
         if calibration.optimistic:
             text += "; this model's calibration cells were in its base model's training data, so it is optimistic"
         return text

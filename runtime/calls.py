@@ -115,7 +115,7 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
         novel = novelty > rules.novelty_limits[best]
         calls["novel"] = novel
     if rules.calibration is not None:
-        calls["novelty_p"] = rules.calibration.novelty_p(novelty, best, rules.novelty_alpha)
+        calls["novelty_p"] = rules.calibration.novelty_p(novelty, best)
         if rules.novelty_limits is None:
             novel = calls["novelty_p"] <= rules.novelty_alpha
             calls["novel"] = novel

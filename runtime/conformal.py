@@ -15,7 +15,9 @@ than (1 - alpha) / alpha: 19 at 0.05) uses the threshold of all calibration cell
 
 Novelty p-value: a cell predicted k at cosine distance d from k's centroid gets p = (1 + #{calibration cells predicted
 k at distance >= d}) / (n_k + 1); the calibration cells are grouped by predicted label because new cells are (their
-true type is unknown). Groups too small for p to reach alpha (n_k + 1 < 1 / alpha) use all calibration cells pooled.
+true type is unknown). Groups too small for p to reach 0.01 (fewer than 99 cells: n_k + 1 < 1 / 0.01) use all
+calibration cells pooled, whatever alpha is asked, so that a cell's p-value is one number: alpha only decides which
+p-values count as novel. (Choosing the group by the alpha asked made one cell's p move by up to 0.62 between alphas.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 SCORE = "lac"
 SET_SEPARATOR = "|"
+OWN_GROUP_LEVEL = 0.01  # a predicted class is its own novelty reference when its p-values can reach this (99+ cells)
 
 
 def rank_for(n: int, alpha: float) -> int:
@@ -87,11 +90,20 @@ class Calibration:
         q, _ = self.thresholds(alpha)
         return 1.0 - probabilities.astype(np.float64) <= q[None, :]
 
-    def novelty_p(self, distances: np.ndarray, predicted: np.ndarray, alpha: float) -> np.ndarray:
+    def novelty_reference(self, k: int) -> np.ndarray:
+        """The calibration distances a cell predicted k is judged against: its class's, or all pooled for a small class."""
+        own = self.class_distances[k]
+        return own if self.group_is_enough(len(own), OWN_GROUP_LEVEL) else self.pooled_distances
+
+    def smallest_novelty_p(self) -> float:
+        """The largest of the classes' smallest reachable p-values: an alpha below it cannot flag every class's cells."""
+        return max(1 / (len(self.novelty_reference(k)) + 1) for k in range(len(self.class_distances)))
+
+    def novelty_p(self, distances: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         """Each cell's conformal p-value of its distance to its predicted class's centroid."""
         p = np.empty(len(distances), dtype=np.float32)
         for k in np.unique(predicted):
-            reference = self.class_distances[k] if self.group_is_enough(len(self.class_distances[k]), alpha) else self.pooled_distances
+            reference = self.novelty_reference(k)
             cells = predicted == k
             at_least = len(reference) - np.searchsorted(reference, distances[cells].astype(np.float64), side="left")
             p[cells] = (1 + at_least) / (len(reference) + 1)

@@ -99,7 +99,7 @@ def test_prediction_sets_cover_a_held_out_split_at_one_minus_alpha(alpha):
         assert abs(covered[test_labels == k].mean() - (1 - alpha)) < 0.03
     summary = set_size_summary(in_set.sum(axis=1), 4)
     assert 1 < summary["mean_set_size"] < 3 and not summary["degenerate"]
-    novel = calibration.novelty_p(test_distances, test_probs.argmax(axis=1), alpha) <= alpha
+    novel = calibration.novelty_p(test_distances, test_probs.argmax(axis=1)) <= alpha
     assert abs(novel.mean() - alpha) < 0.015  # cells like the calibration cells are flagged at about alpha
 
 
@@ -129,11 +129,14 @@ def test_conformal_ranks_ties_and_small_classes():
     # at alpha 0.01, 19 cells per class are too few (ceil(20 * 0.99) = 20 > 19) and so are the 38 pooled: no finite threshold
     q, pooled = calibration.thresholds(0.01)
     assert pooled.all() and np.isinf(q).all()
-    # novelty p = (1 + calibration cells at least as far) / (n + 1); class 1 (19 cells) is enough for alpha 0.05,
-    # class 0 (3 cells) is not, so its cells are judged among all 22
-    p = calibration.novelty_p(np.array([1.9, 1.95, 0.3]), np.array([1, 1, 0]), 0.05)
-    assert p[0] == pytest.approx(2 / 20) and p[1] == pytest.approx(1 / 20)
-    assert p[2] == pytest.approx((1 + 1 + 17) / 23)  # 0.3 itself, and 0.3 .. 1.9 of class 1
+    # novelty p = (1 + calibration cells at least as far) / (n + 1); a class of 99 cells is its own reference (p can
+    # reach 0.01), one of 98 or fewer is judged among all cells pooled, whatever alpha is asked
+    distances = [np.array([0.1, 0.2, 0.3]), np.arange(1, 100) / 50, np.arange(1, 99) / 50]
+    novelty = Calibration([scores] * 3, distances)
+    p = novelty.novelty_p(np.array([1.9, 1.99, 0.3, 1.99]), np.array([1, 1, 0, 2]))
+    assert p[0] == pytest.approx((1 + 5) / 100) and p[1] == pytest.approx(1 / 100)  # 1.9 .. 1.98 of class 1's 99
+    assert p[2] == pytest.approx((1 + 1 + 85 + 84) / 201)  # among all 200: 0.3 itself, 0.3 .. 1.98, 0.3 .. 1.96
+    assert p[3] == pytest.approx(1 / 201) and novelty.smallest_novelty_p() == pytest.approx(1 / 100)
     calls = call_cells(Prediction(probs, CENTROIDS[[0, 0, 1]]), CENTROIDS[:2], CallRules(calibration=calibration, set_alpha=0.1), ["a", "b"])
     assert list(calls["prediction_set"]) == ["a", "", ""] and list(calls["set_size"]) == [1, 0, 0]
     assert list(calls["label"]) == [0, -1, -1]  # an empty set is unassigned

@@ -218,3 +218,18 @@ def test_a_narrow_input_is_held_to_the_share_of_genes_it_can_show(exported, pbmc
     assert report["unassigned"]["few_genes"] == {"cells": int(short.sum()), "setting": "min_cell_genes",
                                                  "rule": "fewer than 200 of the 485 model genes this input holds are expressed"}
     assert f"unassigned: {int(short.sum()):,} few_genes (fewer than 200 of the 485 model genes this input holds are expressed), see --min-cell-genes" in stdout
+
+
+def test_a_cells_novelty_p_is_one_number_and_alpha_messages_hold_at_the_extremes(annotator, pbmc_small):
+    results = {alpha: annotator.annotate(pbmc_small, alpha=alpha, progress=False) for alpha in (0.001, 0.05, 0.2, 0.5, 0.999)}
+    p = results[0.05].calls["novelty_p"]
+    for alpha, result in results.items():
+        np.testing.assert_array_equal(result.calls["novelty_p"], p)  # alpha decides what is novel, not the p-value
+        assert (result.calls["novel"] == (p <= alpha)).all()
+    cells = annotator.session.calibration.cells
+    assert cells < 999  # so that alpha 0.001 is below what the calibration supports
+    tiny = results[0.001].report["prediction_sets"]
+    assert tiny["promise"].startswith(f"the model's {cells:,} calibration cells support alpha {1 / (cells + 1):.2g} or more")
+    assert tiny["every_class"] == 1.0 and tiny["smallest_alpha"] == round(1 / (cells + 1), 6)
+    assert "at least 0.1% of cells" in results[0.999].report["prediction_sets"]["promise"]
+    assert "at least 95% of cells" in results[0.05].report["prediction_sets"]["promise"]

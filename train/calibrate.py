@@ -66,7 +66,7 @@ def cross_fitted(logits: np.ndarray, labels: np.ndarray, distances: np.ndarray, 
         after[judge] = softmax(logits[judge] / calibration.temperature, axis=1)
         for a in ALPHAS:
             in_set[a][judge] = calibration.prediction_sets(after[judge], a)
-            novel[a][judge] = calibration.novelty_p(distances[judge], after[judge].argmax(axis=1), a) <= a
+            novel[a][judge] = calibration.novelty_p(distances[judge], after[judge].argmax(axis=1)) <= a
     out = {"cells": int(len(labels)), "folds": k, "ece_before": reliability(softmax(logits, axis=1), labels),
            "ece_after": reliability(after, labels), "alphas": {}}
     rows = np.arange(len(labels))
@@ -82,5 +82,5 @@ def novel_share(calibration: Calibration, probabilities: np.ndarray, distances: 
     """The share of cells (with calibrated probabilities) whose novelty p-value is at most alpha."""
     if not len(distances):
         return 0.0
-    return round(float(np.mean(calibration.novelty_p(distances, probabilities.argmax(axis=1), alpha) <= alpha)), 4)
+    return round(float(np.mean(calibration.novelty_p(distances, probabilities.argmax(axis=1)) <= alpha)), 4)
 
