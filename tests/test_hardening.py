@@ -233,3 +233,26 @@ def test_a_cells_novelty_p_is_one_number_and_alpha_messages_hold_at_the_extremes
     assert tiny["every_class"] == 1.0 and tiny["smallest_alpha"] == round(1 / (cells + 1), 6)
     assert "at least 0.1% of cells" in results[0.999].report["prediction_sets"]["promise"]
     assert "at least 95% of cells" in results[0.05].report["prediction_sets"]["promise"]
+
+
+def test_training_roles_that_share_cells_are_refused_by_cell_identity(base_dir, small_data, tmp_path):
+    from scl.runtime.expression import ReadOptions
+    from scl.train.data import load_labelled
+    from scl.train.model_dir import load_model_dir
+    from scl.train.roles import refuse_shared_cells
+
+    data = small_data / "train.h5ad"
+    copy = ad.read_h5ad(data)
+    copy.obs["note"] = "one more column, so another file digest"
+    copy[::3].copy().write_h5ad(tmp_path / "some_of_the_same_cells.h5ad")
+    for flag, other in (("--val-data", data), ("--calibration-data", data), ("--calibration-data", tmp_path / "some_of_the_same_cells.h5ad")):
+        code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", data, flag, other, "--out", tmp_path / "run", "--epochs", "1")
+        last = stderr.strip().splitlines()[-1]
+        assert code == 1 and last.startswith("Error: the training cells") and "each cell may serve one role" in last, stderr
+        assert not (tmp_path / "run").exists()
+    cells = load_labelled(str(data), load_model_dir(base_dir).gene_order, "cell_type", ReadOptions())
+    same_names = cells.subset(np.arange(10))
+    same_names.cell_ids = cells.cell_ids[10:20]  # other cells that happen to carry these names (barcodes repeat across samples)
+    refuse_shared_cells([("training", cells.subset(np.arange(10, len(cells))), "a"), ("validation", same_names, "b")])
+    with pytest.raises(SclError, match="share 10 cells"):
+        refuse_shared_cells([("training", cells, "a"), ("validation", cells.subset(np.arange(10)), "b")])

@@ -235,8 +235,8 @@ def test_pretraining_twice_with_one_seed_gives_the_same_weights_bit_for_bit(tmp_
 
 def test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those(base_dir, run_dir, small_data, tmp_path):
     """pretrain.json names the held-out cells of each file by digest and obs position; scl-train, given the same file,
-    calibrates on exactly those and trains on none of them. A base with no record (official weights) never saw the
-    user's cells: a stratified split, no warning."""
+    calibrates on exactly those and trains on none of them. A base with no record (official weights): a stratified
+    split, no warning, and the source says whether the base saw them is unknown."""
     import shutil
 
     from scl.runtime.expression import ReadOptions
@@ -264,7 +264,7 @@ def test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those(base
     shutil.copytree(base_dir, official)
     (official / "pretrain.json").unlink()
     split = split_calibration(cells, FinetuneConfig(base_model=str(official), data=config.data, out="unused"), base.gene_order, ReadOptions())
-    assert len(split.calibration) == 42 and not split.optimistic and "never saw" in split.source
+    assert len(split.calibration) == 42 and not split.optimistic and "keeps no pretrain.json, so whether it saw them is unknown" in split.source
 
 
 def test_a_base_that_saw_every_cell_warns_once_and_the_calibration_says_optimistic(small_data, tmp_path):

@@ -35,7 +35,7 @@ from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_t
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .novelty import class_centroids, unit
-from .roles import CalibrationSplit, split_calibration
+from .roles import CalibrationSplit, refuse_shared_cells, split_calibration
 from .run_dir import prepare_run_dir, refuse_finished_run, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
@@ -199,6 +199,8 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
                        "any out); give --calibration-data or more cells.")
     refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
     train, val = split(held.rest, config, base.gene_order, options)
+    refuse_shared_cells([("training", train, config.data), ("validation", val, config.val_data or config.data),
+                         ("calibration", held.calibration, config.calibration_data or config.data)])
     classes = sorted(np.unique(train.labels))
     for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
         unknown = sorted(map(str, set(cells_of.labels) - set(classes)))

@@ -10,10 +10,13 @@ those. A base with no pretrain.json (the official SCimilarity weights) never saw
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from scl.runtime.errors import SclError
 
 from .config import FinetuneConfig
 from .data import LabelledCells, file_digest, load_labelled, log, stratified_holdout
@@ -44,6 +47,36 @@ def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarr
     return None
 
 
+def cell_keys(cells: LabelledCells) -> np.ndarray:
+    """One 64-bit key per cell from its obs name and its expression: the same cell in any file that holds it, while
+    cells that only share a name (10x barcodes repeat across samples) differ by their counts."""
+    weights = np.random.default_rng(0).standard_normal(cells.x.shape[1])
+    fingerprint = np.ascontiguousarray(cells.x @ weights, dtype=np.float64).view(np.uint64)
+    names = np.fromiter((zlib.crc32(str(c).encode()) for c in cells.cell_ids), dtype=np.uint64, count=len(cells))
+    return fingerprint ^ (names * np.uint64(0x9E3779B97F4A7C15))  # spread the 32-bit name hash over 64 bits
+
+
+def refuse_shared_cells(roles: list[tuple[str, LabelledCells, str]]) -> None:
+    """Training, validation and calibration cells (role, cells, where from) must be disjoint: a cell in two roles
+    would be judged on what it was fitted to."""
+    keys = [cell_keys(cells) for _, cells, _ in roles]
+    for i in range(len(roles)):
+        for j in range(i + 1, len(roles)):
+            shared, at, _ = np.intersect1d(keys[i], keys[j], return_indices=True)
+            if len(shared):
+                (a, cells, path_a), (b, _, path_b) = roles[i], roles[j]
+                raise SclError(f"the {a} cells ({path_a}) and the {b} cells ({path_b}) share {len(shared):,} cells (e.g. "
+                               f"{str(cells.cell_ids[at[0]])!r}): each cell may serve one role; give files without common cells, or "
+                               "leave --val-data and --calibration-data out to split --data.")
+
+
+def unknown_to_base(base_model: str, name: str) -> str:
+    """What can be said of a file the base keeps no record of."""
+    if (Path(base_model) / "pretrain.json").is_file():
+        return f"{name} is not among the files the base model's pretrain.json records, so whether the base saw them is unknown"
+    return "the base model keeps no pretrain.json, so whether it saw them is unknown (the official weights never saw the user's cells)"
+
+
 def optimistic_warning(path: str) -> str:
     return (f"warning: the base model was pretrained on every cell of {Path(path).name} (its pretrain.json holds none of them out), so the "
             "calibration cells are not new to it and its calibration is optimistic: on new cells expect prediction sets to cover less and "
@@ -56,8 +89,11 @@ def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, 
         calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options)
         unseen = base_never_saw(config.base_model, config.calibration_data, calibration)
         name = Path(config.calibration_data).name
-        if unseen is None or unseen.all():
-            return CalibrationSplit(cells, calibration, f"{len(calibration):,} cells of {name} (--calibration-data)", False)
+        if unseen is None:
+            return CalibrationSplit(cells, calibration, f"{len(calibration):,} cells of {name} (--calibration-data); "
+                                    + unknown_to_base(config.base_model, name), False)
+        if unseen.all():
+            return CalibrationSplit(cells, calibration, f"{len(calibration):,} cells of {name} (--calibration-data), all held out by the base", False)
         if unseen.any():
             log.warning(f"the base model was pretrained on {int((~unseen).sum()):,} of the cells of {name}: calibrating on the other {int(unseen.sum()):,}")
             return CalibrationSplit(cells, calibration.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} (--calibration-data) the base held out", False)
@@ -69,6 +105,7 @@ def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, 
         return CalibrationSplit(cells.subset(~unseen), cells.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} the base model held out (pretrain.json)", False)
     held = stratified_holdout(cells.labels, config.calibration_fraction, config.seed)
     if unseen is None:
-        return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type), which the base never saw", False)
+        return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type); "
+                                + unknown_to_base(config.base_model, name), False)
     log.warning(optimistic_warning(config.data))
     return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type), all in the base's training data", True)
