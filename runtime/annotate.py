@@ -22,10 +22,10 @@ from .atomic import atomic_path
 from .calls import VOTING_COLUMNS, label_names
 from .errors import SclError
 from .expression import ReadOptions
+from .h5ad import H5adFile
 from .outputs import CsvOutput, H5adOutput
 from .places import Place, refuse_clashes
 from .result import BlockCollector
-from .text_matrix import is_text_matrix
 
 
 @dataclass
@@ -68,10 +68,17 @@ def bytes_per_cell(annotator: Annotator, output: str, probabilities: bool) -> in
     return int(4 * (latent + (classes if probabilities else 0) + 12) * 1.3)
 
 
-def space_needed(input_path: str, n_cells: int | None, annotator: Annotator, output: str, probabilities: bool) -> int:
+def copied_input(source) -> str | None:
+    """The .h5ad an .h5ad output starts from: the input itself when it is one; other inputs start an empty file."""
+    whole_file = isinstance(source.matrix, H5adFile) and source.matrix.positions is None
+    return source.path if whole_file else None
+
+
+def space_needed(source, annotator: Annotator, output: str, probabilities: bool) -> int:
     """Bytes the output will take: an .h5ad output copies an .h5ad input, then adds the results."""
-    copied = 0 if output.endswith(".csv") or is_text_matrix(input_path) else os.path.getsize(input_path)
-    return copied + (n_cells or 0) * bytes_per_cell(annotator, output, probabilities) + SLACK
+    copied = copied_input(source)
+    copied = 0 if output.endswith(".csv") or copied is None else os.path.getsize(copied)
+    return copied + (source.n_cells or 0) * bytes_per_cell(annotator, output, probabilities) + SLACK
 
 
 def check_space_left(folder: Path, cells_left: int, per_cell: int) -> None:
@@ -94,7 +101,7 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
     check_output_path(input_path, output)
     started = time.perf_counter()
     with annotator.open(input_path, read=read) as source:
-        needed = space_needed(input_path, source.n_cells, annotator, output, file_options.probabilities)
+        needed = space_needed(source, annotator, output, file_options.probabilities)
         if shutil.disk_usage(Path(output).parent).free < needed:
             raise disk_full(Path(output).parent, needed)
         try:
@@ -113,7 +120,7 @@ def write_annotations(source, tmp: str, input_path: str, output: str, annotator:
     voting_wanted = file_options.majority_voting or clusters is not None
     if output.endswith(".h5ad"):
         latent = annotator.session.centroids.shape[1]
-        writer = H5adOutput(tmp, None if is_text_matrix(input_path) else input_path, classes, columns, latent, file_options.probabilities)
+        writer = H5adOutput(tmp, copied_input(source), classes, columns, latent, file_options.probabilities)
     else:
         writer = CsvOutput(tmp, classes, columns, file_options.probabilities)
     try:

@@ -40,11 +40,15 @@ def output_for(path: str, output: str | None, output_dir: str | None, fmt: str |
         raise SclError("--output names one file; with several inputs use --output-dir.")
     if output:
         return output
-    name = Path(path).name
-    for suffix in (".gz", ".h5ad", ".csv", ".tsv", ".txt"):
+    name, folder = Path(path).name, Path(path).parent
+    for suffix in (".gz", ".h5ad", ".h5", ".csv", ".tsv", ".txt"):
         name = name.removesuffix(suffix)
+    if name.endswith("matrix.mtx"):  # a 10x MTX file is named by its GEO prefix, else by its folder, beside that folder
+        name = name.removesuffix("matrix.mtx").rstrip("_.-")
+        if not name:
+            name, folder = folder.resolve().name, folder.resolve().parent
     fmt = fmt or ("h5ad" if path.endswith(".h5ad") else "csv")
-    return str(Path(output_dir or Path(path).parent) / f"{name}.scl.{fmt}")
+    return str(Path(output_dir or folder) / f"{name}.scl.{fmt}")
 
 
 def print_summary(report: dict) -> None:

@@ -16,14 +16,16 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import h5py
 import numpy as np
 
 from .bounds import AT_LEAST_ONE, NOT_NEGATIVE_WHOLE, Bounds, check_bounds, check_choice
 from .errors import SclError
 from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, looks_like_ensembl, to_symbols
-from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows
+from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows, open_h5ad
 from .in_memory import MemoryMatrix
 from .normalize import INPUT_KINDS, check_kind, check_values, detect_input_kind
+from .tenx import TenxH5, TenxMtx, is_tenx_h5, mtx_files
 from .text_matrix import TextMatrix, is_text_matrix
 
 
@@ -45,10 +47,38 @@ class ReadOptions:
         check_choice(self, "input_kind", INPUT_KINDS)
 
 
-def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix:
+def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix | TenxH5 | TenxMtx:
+    """The reader for the file's layout: by name for text, by content for the rest."""
     if is_text_matrix(path):
         return TextMatrix(path, options.genes_as_rows)
-    return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names)
+    mtx = mtx_files(path)
+    if mtx is not None:
+        return TenxMtx(path, mtx, options.csc_limit_bytes)
+    if os.path.isdir(path):
+        raise SclError(_folder_problem(path))
+    file = open_h5ad(path)
+    try:
+        if is_tenx_h5(file):
+            return TenxH5(path, file)
+        if isinstance(file.get("matrix"), h5py.Dataset) and "row_attrs" in file:
+            raise SclError(f"{path}: a loom file, which scl does not read; convert it once to .h5ad: "
+                           f"python -c \"import anndata; anndata.read_loom('{path}').write_h5ad('{_stem(path)}.h5ad')\".")
+        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=file)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.normpath(path))[0]
+
+
+def _folder_problem(path: str) -> str:
+    if path.rstrip("/").endswith(".zarr") or any(os.path.exists(os.path.join(path, n)) for n in (".zgroup", "zarr.json")):
+        return (f"{path}: an anndata zarr store, which scl does not read; convert it once to .h5ad: "
+                f"python -c \"import anndata; anndata.read_zarr('{path}').write_h5ad('{_stem(path)}.h5ad')\".")
+    return (f"{path}: a folder without matrix.mtx, so not a 10x MTX folder (matrix.mtx, features.tsv, barcodes.tsv, each optionally "
+            ".gz); name an .h5ad, a 10x .h5 or a CSV/TSV file, or convert the data to .h5ad with anndata.")
 
 
 class ExpressionSource:

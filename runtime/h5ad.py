@@ -89,7 +89,8 @@ def open_h5ad(path: str) -> h5py.File:
     if os.path.getsize(path) == 0:
         raise SclError(f"{path}: the file is empty (0 bytes); write the AnnData again with adata.write_h5ad().")
     if not h5py.is_hdf5(path):
-        raise SclError(f"{path}: not an HDF5 file, so not an .h5ad; for text matrices use a .csv/.tsv(.gz) name.")
+        raise SclError(f"{path}: not an HDF5 file, so neither an .h5ad nor a 10x .h5; scl reads those, 10x MTX folders (matrix.mtx with "
+                       "features.tsv and barcodes.tsv) and CSV/TSV text named .csv, .tsv or .txt (optionally .gz).")
     try:
         return h5py.File(path, "r")
     except OSError as err:
@@ -213,9 +214,10 @@ class Matrix:
 class H5adFile:
     """An .h5ad opened for reading cells: which matrix, its gene names, its cell ids."""
 
-    def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES, cell_names=None):
+    def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES, cell_names=None,
+                 file: h5py.File | None = None):
         self.path = path
-        self.file = open_h5ad(path)
+        self.file = file or open_h5ad(path)
         try:
             self.matrix_name = self._choose_matrix(matrix)
             self.matrix = Matrix(self.file[self.matrix_name], self.matrix_name, csc_limit_bytes)
@@ -224,7 +226,7 @@ class H5adFile:
             self.var_names, self.var_columns = read_dataframe(var_group)
         except KeyError as err:
             self.file.close()
-            raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad?") from None
+            raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad (or a 10x .h5)?") from None
         except Exception:
             self.file.close()
             raise

@@ -3,6 +3,9 @@
 Cells as rows: a header of gene symbols after one empty or named corner cell, then a cell id and
 its values per line (CellTypist's layout). Genes as rows (genes_as_rows) cannot be streamed by
 cell; the file is read once into sparse memory and served by cell from there.
+
+What spreadsheets and R write is read as well: the separator the header uses (',' tab ';'), quoted names and
+numbers, a separator ending every line, CRLF line ends, and decimal commas in ';'-separated files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ def is_text_matrix(path: str) -> bool:
     return path.lower().endswith(TEXT_SUFFIXES)
 
 
+SEPARATORS = (",", "\t", ";")
+
+
+def _separator(header: str, expected: str) -> str:
+    """The separator the header uses: the one its name promises, else the first of , tab ; it holds (Excel in many
+    locales writes ';' into a .csv, and tab-separated files are often named .csv)."""
+    for sep in (expected, *SEPARATORS):
+        if sep in header:
+            return sep
+    return expected
+
+
 def _unquote(field: str) -> str:
     field = field.strip()
     return field[1:-1] if len(field) >= 2 and field[0] == field[-1] and field[0] in "\"'" else field
@@ -33,7 +48,6 @@ class TextMatrix:
         if not os.path.exists(path):
             raise SclError(f"{path}: no such file; check the path.")
         self.path = path
-        self.sep = "," if ".csv" in path.lower() else "\t"
         self.genes_as_rows = genes_as_rows
         self.matrix_name = "genes as rows" if genes_as_rows else "cells as rows"
         try:
@@ -43,7 +57,10 @@ class TextMatrix:
             raise SclError(f"{path}: cannot be read as text ({err}); the file is truncated or corrupt, or gzipped without a .gz name.") from None
         if not header.strip():
             raise SclError(f"{path}: the file is empty; expected a header row of gene symbols.")
+        self.sep = _separator(header, "," if ".csv" in path.lower() else "\t")
         names = [_unquote(f) for f in header.rstrip("\r\n").split(self.sep)]
+        self.trailing_separator = len(names) > 2 and names[-1] == ""  # every line ends in one: a spreadsheet's export
+        names = names[:-1] if self.trailing_separator else names
         self.cell_ids = None
         if genes_as_rows:
             self.cell_ids = np.array(names[1:], dtype=object)
@@ -64,11 +81,15 @@ class TextMatrix:
     def _parse(self, lines: list[str], first_line: int) -> tuple[np.ndarray, np.ndarray]:
         ids, rest = [], []
         for line in lines:
-            head, _, tail = line.partition(self.sep)
+            head, _, tail = line.rstrip("\r\n").partition(self.sep)
+            if self.trailing_separator:
+                tail = tail.removesuffix(self.sep)
+            if self.sep == ";":
+                tail = tail.replace(",", ".")  # the locales that separate by ';' write decimal commas
             ids.append(_unquote(head))
             rest.append(tail)
         try:
-            values = np.loadtxt(rest, delimiter=self.sep, dtype=np.float32, ndmin=2)
+            values = np.loadtxt(rest, delimiter=self.sep, dtype=np.float32, ndmin=2, quotechar='"')
         except ValueError as err:
             raise SclError(f"{self.path}: lines {first_line}-{first_line + len(lines) - 1} do not parse as numbers ({err}); every line needs an id and one number per column.") from None
         return np.array(ids, dtype=object), values

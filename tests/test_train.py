@@ -148,13 +148,17 @@ def test_bad_training_input(base_dir, small_data, tmp_path):
     single = ad.read_h5ad(small_data / "train.h5ad")
     single.obs["cell_type"] = "B"
     single.write_h5ad(tmp_path / "single.h5ad")
+    unseen = ad.read_h5ad(small_data / "val.h5ad")  # cells no other role holds, one label training lacks
+    unseen.obs["cell_type"] = unseen.obs["cell_type"].astype(str)
+    unseen.obs.iloc[0, unseen.obs.columns.get_loc("cell_type")] = "lonely"
+    unseen.write_h5ad(tmp_path / "unseen_label.h5ad")
     cases = [
         (dict(data=str(tmp_path / "lonely.h5ad")), "class 'lonely' (1) has fewer than 2 cells"),
         (dict(data=str(tmp_path / "single.h5ad")), "every labelled cell is 'B'; a classifier needs at least two cell types"),
         (dict(label_key="celltype"), "obs has no column 'celltype'"),
         (dict(min_genes=20000), "only 8228 of the model's 28231 genes"),
         (dict(loss="mse"), "--loss 'mse'"),
-        (dict(calibration_data=str(tmp_path / "lonely.h5ad")), "calibration labels \\['lonely'\\] never occur in the training data"),
+        (dict(calibration_data=str(tmp_path / "unseen_label.h5ad")), "calibration labels \\['lonely'\\] never occur in the training data"),
     ]
     if not torch.cuda.is_available():
         cases.append((dict(device="cuda"), "--device cuda was asked for but torch sees no CUDA GPU"))
