@@ -70,7 +70,7 @@ def bytes_per_cell(annotator: Annotator, output: str, probabilities: bool) -> in
 
 def copied_input(source) -> str | None:
     """The .h5ad an .h5ad output starts from: the input itself when it is one; other inputs start an empty file."""
-    whole_file = isinstance(source.matrix, H5adFile) and source.matrix.positions is None
+    whole_file = isinstance(source.matrix, H5adFile) and source.matrix.is_hdf5 and source.matrix.positions is None
     return source.path if whole_file else None
 
 

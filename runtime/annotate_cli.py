@@ -41,7 +41,7 @@ def output_for(path: str, output: str | None, output_dir: str | None, fmt: str |
     if output:
         return output
     name, folder = Path(path).name, Path(path).parent
-    for suffix in (".gz", ".h5ad", ".h5", ".csv", ".tsv", ".txt"):
+    for suffix in (".gz", ".h5ad", ".h5", ".zarr", ".csv", ".tsv", ".txt"):
         name = name.removesuffix(suffix)
     if name.endswith("matrix.mtx"):  # a 10x MTX file is named by its GEO prefix, else by its folder, beside that folder
         name = name.removesuffix("matrix.mtx").rstrip("_.-")

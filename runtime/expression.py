@@ -22,7 +22,7 @@ import numpy as np
 from .bounds import AT_LEAST_ONE, NOT_NEGATIVE_WHOLE, Bounds, check_bounds, check_choice
 from .errors import SclError
 from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, looks_like_ensembl, to_symbols
-from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows, open_h5ad
+from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows, open_h5ad, open_zarr
 from .in_memory import MemoryMatrix
 from .normalize import INPUT_KINDS, check_kind, check_values, detect_input_kind
 from .tenx import TenxH5, TenxMtx, is_tenx_h5, mtx_files
@@ -55,7 +55,10 @@ def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix | Tenx
     if mtx is not None:
         return TenxMtx(path, mtx, options.csc_limit_bytes)
     if os.path.isdir(path):
-        raise SclError(_folder_problem(path))
+        if not _is_zarr(path):
+            raise SclError(f"{path}: a folder without matrix.mtx, so neither a 10x MTX folder (matrix.mtx, features.tsv, barcodes.tsv, "
+                           "each optionally .gz) nor a zarr store; name an .h5ad, a 10x .h5 or a CSV/TSV file, or convert the data to .h5ad with anndata.")
+        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=open_zarr(path))
     file = open_h5ad(path)
     try:
         if is_tenx_h5(file):
@@ -73,12 +76,8 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.normpath(path))[0]
 
 
-def _folder_problem(path: str) -> str:
-    if path.rstrip("/").endswith(".zarr") or any(os.path.exists(os.path.join(path, n)) for n in (".zgroup", "zarr.json")):
-        return (f"{path}: an anndata zarr store, which scl does not read; convert it once to .h5ad: "
-                f"python -c \"import anndata; anndata.read_zarr('{path}').write_h5ad('{_stem(path)}.h5ad')\".")
-    return (f"{path}: a folder without matrix.mtx, so not a 10x MTX folder (matrix.mtx, features.tsv, barcodes.tsv, each optionally "
-            ".gz); name an .h5ad, a 10x .h5 or a CSV/TSV file, or convert the data to .h5ad with anndata.")
+def _is_zarr(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, n)) for n in (".zgroup", "zarr.json"))
 
 
 class ExpressionSource:

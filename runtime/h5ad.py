@@ -100,52 +100,76 @@ def open_h5ad(path: str) -> h5py.File:
         ) from None
 
 
+def open_zarr(path: str):
+    """An anndata zarr store, read through the same code as an .h5ad: the two encodings are one layout."""
+    try:
+        import zarr
+    except ImportError:
+        raise SclError(f"{path}: an anndata zarr store; reading it needs the zarr package (pip install 'scl[zarr]'), or convert it once "
+                       f"to .h5ad: python -c \"import anndata; anndata.read_zarr('{path}').write_h5ad('{path.rstrip('/')}.h5ad')\".") from None
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as err:  # zarr raises several kinds for a store it cannot read
+        raise SclError(f"{path}: the zarr store cannot be opened ({str(err).splitlines()[0]}); copy or write it again.") from None
+
+
+def is_array(elem) -> bool:
+    """A dataset (h5py) or array (zarr), not a group."""
+    return hasattr(elem, "shape") and hasattr(elem, "dtype")
+
+
+def filename(elem) -> str:
+    """The file or store an element lives in, for messages."""
+    if hasattr(elem, "file"):
+        return elem.file.filename
+    return str(getattr(elem.store, "path", None) or getattr(elem.store, "root", "the zarr store"))
+
+
 def _decode(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in "SO":
+    if values.dtype.kind in "SOTU":
         return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
     return values
 
 
-def read_array(elem: h5py.Dataset | h5py.Group) -> np.ndarray:
+def read_array(elem) -> np.ndarray:
     """One column or index of a dataframe, whatever its encoding."""
     kind = elem.attrs.get("encoding-type", "array")
     if kind == "categorical":
         categories = read_array(elem["categories"])
-        codes = elem["codes"][()]
+        codes = elem["codes"][...]
         out = np.empty(len(codes), dtype=object)
         out[codes >= 0] = categories[codes[codes >= 0]]
         return out
     if kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
-        values = _decode(elem["values"][()]).astype(object)
-        values[elem["mask"][()]] = None
+        values = _decode(elem["values"][...]).astype(object)
+        values[elem["mask"][...]] = None
         return values
-    if isinstance(elem, h5py.Dataset):
-        if h5py.check_string_dtype(elem.dtype) is not None:
-            return np.array(elem.asstr()[()], dtype=object)
-        return _decode(elem[()])
-    raise SclError(f"{elem.file.filename}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
+    if isinstance(elem, h5py.Dataset) and h5py.check_string_dtype(elem.dtype) is not None:
+        return np.array(elem.asstr()[()], dtype=object)
+    if is_array(elem):
+        return _decode(elem[...])
+    raise SclError(f"{filename(elem)}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
 
 
-def read_dataframe(group: h5py.Group) -> tuple[np.ndarray, dict[str, h5py.Dataset | h5py.Group]]:
+def read_dataframe(group) -> tuple[np.ndarray, dict]:
     """The index of an anndata dataframe (obs, var) and its columns, unread."""
-    if isinstance(group, h5py.Dataset):
+    if is_array(group):
         raise SclError(
-            f"{group.file.filename}: {group.name} uses the pre-0.7 anndata layout; "
+            f"{filename(group)}: {group.name} uses the pre-0.7 anndata layout; "
             "read and save it once with a current anndata (ad.read_h5ad(f).write_h5ad(f2))."
         )
     index_name = group.attrs.get("_index", "_index")
     index = read_array(group[index_name]).astype(str).astype(object)
-    columns = {k: v for k, v in group.items() if k != index_name and k != "__categories"}
+    columns = {k: group[k] for k in group.keys() if k != index_name and k != "__categories"}
     return index, columns
 
 
 class Matrix:
     """Rows of X, a layer or raw/X, in blocks."""
 
-    def __init__(self, elem: h5py.Dataset | h5py.Group, name: str, csc_limit_bytes: int):
-        self.name = name
-        self.elem = elem
-        if isinstance(elem, h5py.Dataset):
+    def __init__(self, elem, name: str, csc_limit_bytes: int):
+        self.name, self.elem, self.where = name, elem, filename(elem)
+        if is_array(elem):
             self.format = "dense"
             self.shape = tuple(elem.shape)
             self.dtype = elem.dtype
@@ -153,7 +177,7 @@ class Matrix:
         self.format = elem.attrs.get("encoding-type", elem.attrs.get("h5sparse_format", ""))
         self.format = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(self.format, self.format)
         if self.format not in ("csr_matrix", "csc_matrix"):
-            raise SclError(f"{elem.file.filename}: {name} has encoding {self.format!r}; scl reads dense, CSR and CSC matrices.")
+            raise SclError(f"{self.where}: {name} has encoding {self.format!r}; scl reads dense, CSR and CSC matrices.")
         self.shape = tuple(int(s) for s in elem.attrs.get("shape", elem.attrs.get("h5sparse_shape")))
         self.dtype = elem["data"].dtype
         self._csr_in_memory = None
@@ -165,11 +189,11 @@ class Matrix:
         needed = 3 * data.size * (data.dtype.itemsize + 8)  # data, row and column ids, and a sort order
         if needed > limit:
             raise SclError(
-                f"{self.elem.file.filename}: {self.name} is stored by genes (CSC) and reading it by cells needs "
+                f"{self.where}: {self.name} is stored by genes (CSC) and reading it by cells needs "
                 f"about {needed / 1024**3:.1f} GiB, above the {limit / 1024**3:.1f} GiB limit; save it as CSR once "
                 "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)) or raise the limit.", "csc_memory_limit"
             )
-        return csc_to_csr(data[()], indices[()], indptr[()], self.shape)
+        return csc_to_csr(data[...], indices[...], indptr[...], self.shape)
 
     def rows_at(self, positions: np.ndarray) -> np.ndarray | SparseRows:
         """The rows at `positions` (any order), in that order. Read in file order: the whole span when the rows are
@@ -191,13 +215,13 @@ class Matrix:
         if self.format == "dense":
             return np.concatenate(parts)
         for part in parts:
-            part.check(self.shape[1], self.elem.file.filename)
+            part.check(self.shape[1], self.where)
         return SparseRows.from_scipy(sparse.vstack([p.to_scipy(self.shape[1]) for p in parts], format="csr"))
 
     def _take(self, block, rows: np.ndarray):
         if self.format == "dense":
             return block[rows]
-        block.check(self.shape[1], self.elem.file.filename)
+        block.check(self.shape[1], self.where)
         return SparseRows.from_scipy(block.to_scipy(self.shape[1])[rows])
 
     def rows(self, start: int, stop: int) -> np.ndarray | SparseRows:
@@ -212,12 +236,14 @@ class Matrix:
 
 
 class H5adFile:
-    """An .h5ad opened for reading cells: which matrix, its gene names, its cell ids."""
+    """An .h5ad (or an anndata zarr store, `file` a zarr group) opened for reading cells: which matrix, its gene
+    names, its cell ids."""
 
     def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES, cell_names=None,
-                 file: h5py.File | None = None):
+                 file=None):
         self.path = path
-        self.file = file or open_h5ad(path)
+        self.file = file if file is not None else open_h5ad(path)
+        self.is_hdf5 = isinstance(self.file, h5py.File)
         try:
             self.matrix_name = self._choose_matrix(matrix)
             self.matrix = Matrix(self.file[self.matrix_name], self.matrix_name, csc_limit_bytes)
@@ -225,14 +251,14 @@ class H5adFile:
             var_group = self.file["raw/var"] if self.matrix_name == "raw/X" else self.file["var"]
             self.var_names, self.var_columns = read_dataframe(var_group)
         except KeyError as err:
-            self.file.close()
-            raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad (or a 10x .h5)?") from None
+            self.close()
+            raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad or zarr store (or a 10x .h5)?") from None
         except Exception:
-            self.file.close()
+            self.close()
             raise
         n_obs, n_var = len(self.cell_ids), len(self.var_names)
         if self.matrix.shape != (n_obs, n_var):
-            self.file.close()
+            self.close()
             raise SclError(
                 f"{path}: {self.matrix_name} is {self.matrix.shape[0]} x {self.matrix.shape[1]} but obs/var "
                 f"hold {n_obs} x {n_var}; the file is inconsistent: write it again with anndata."
@@ -248,10 +274,10 @@ class H5adFile:
         at = np.searchsorted(ids, names, sorter=order).clip(max=len(ids) - 1)
         found = ids[order[at]] == names
         if not len(names):
-            self.file.close()
+            self.close()
             raise SclError(f"{self.path}: the view holds no cells; nothing to annotate.")
         if not found.all():
-            self.file.close()
+            self.close()
             raise SclError(f"{self.path}: the view names {names[~found][0]!r}, which the file's obs lacks; annotate a view of this file.")
         return order[at]
 
@@ -292,4 +318,5 @@ class H5adFile:
         return read_array(self.var_columns[key]).astype(str).astype(object)
 
     def close(self) -> None:
-        self.file.close()
+        if self.is_hdf5:  # a zarr group holds no open file
+            self.file.close()

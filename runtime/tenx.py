@@ -109,6 +109,11 @@ def _tsv_rows(path: str) -> list[list[str]]:
         return [line.rstrip("\r\n").split("\t") for line in fh if line.strip()]
 
 
+def _unreadable(matrix: str, err: Exception) -> SclError:
+    return SclError(f"{matrix}: not a readable Matrix Market file ({str(err).splitlines()[0] or type(err).__name__}); it is truncated "
+                    "or damaged: copy it again from Cell Ranger's output.")
+
+
 class TenxMtx:
     """A 10x MTX folder, read whole into cells x genes rows."""
 
@@ -125,7 +130,10 @@ class TenxMtx:
         types = np.array([r[2] for r in features], dtype=object) if all(len(r) > 2 for r in features) else None
         self.var_names = _feature_names(names, types)
         self.var_columns = {"gene_ids": np.array([r[0] for r in features], dtype=object)}
-        rows, cols, entries = io.mminfo(matrix)[:3]
+        try:
+            rows, cols, entries = io.mminfo(matrix)[:3]
+        except (ValueError, EOFError, OSError) as err:
+            raise _unreadable(matrix, err) from None
         needed = 3 * entries * 16
         if needed > csc_limit_bytes:
             raise SclError(f"{folder}: the MTX matrix holds {entries:,} values and reading it needs about {needed / 1024**3:.1f} GiB, above the "
@@ -134,7 +142,10 @@ class TenxMtx:
         if (rows, cols) != (len(names), len(self.cell_ids)):
             raise SclError(f"{folder}: matrix.mtx is {rows} x {cols} but the folder names {len(names)} features and {len(self.cell_ids)} "
                            "barcodes; the files do not belong together.")
-        csr = sparse.csr_matrix(io.mmread(matrix).T)
+        try:
+            csr = sparse.csr_matrix(io.mmread(matrix).T)
+        except (ValueError, EOFError, OSError) as err:
+            raise _unreadable(matrix, err) from None
         self._rows = SparseRows(csr.data, csr.indices, csr.indptr)
 
     def var_column(self, key: str) -> np.ndarray:

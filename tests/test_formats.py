@@ -1,10 +1,13 @@
-"""Inputs in the other layouts users hold: 10x Genomics .h5 (v3 and v2) and MTX folders give the labels their
-.h5ad gives; zarr stores, loom files and folders are named with their conversion; CSV/TSV quirks are read."""
+"""Inputs in the other layouts users hold: 10x Genomics .h5 (v3 and v2), MTX folders and anndata zarr stores give
+the labels their .h5ad gives; loom files and other folders are named with their conversion; CSV/TSV quirks are read."""
 
 import gzip
 
+import anndata as ad
+
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import io, sparse
 
@@ -76,8 +79,11 @@ def test_a_10x_h5_gives_the_labels_of_its_h5ad(annotator, reference, pbmc_small,
     assert (result.predicted_labels == reference.predicted_labels).all()
     assert (result.calls["genes_detected"] == reference.calls["genes_detected"]).all()  # the antibodies matched no gene
     assert result.report["input"]["matrix"] == "10x feature-barcode matrix"
-    code, _, stderr = run("scl-annotate", path, "--model", annotator.session.path, "--output", tmp_path / "calls.csv")
+    code, _, stderr = run("scl-annotate", path, "--model", annotator.session.path, "--output", tmp_path / "calls.h5ad")
     assert code == 0, stderr
+    written = ad.read_h5ad(tmp_path / "calls.h5ad")  # a new file holding the results, readable by anndata
+    assert list(written.obs_names) == list(pbmc_small.obs_names)
+    assert (written.obs["scl_label"].astype(str).to_numpy() == result.predicted_labels).all()
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
@@ -96,14 +102,31 @@ def test_a_10x_mtx_folder_gives_the_labels_of_its_h5ad(annotator, reference, pbm
         annotator.annotate(str(folder), progress=False)
 
 
-def test_zarr_loom_and_other_folders_are_named_with_their_conversion(annotator, pbmc_small, tmp_path):
-    pbmc_small.write_zarr(tmp_path / "cells.zarr")
+@pytest.mark.parametrize("layout", ["csr", "dense", "counts layer"])
+def test_an_anndata_zarr_store_gives_the_labels_of_its_h5ad(annotator, reference, pbmc_small, tmp_path, layout):
+    cells = pbmc_small.copy()
+    if layout == "dense":
+        cells.X = cells.X.toarray()
+    if layout == "counts layer":
+        cells.layers["counts"], cells.X = cells.X.copy(), sparse.csr_matrix(cells.X.shape, dtype=np.float32)
+    cells.obs["cluster"] = pd.Categorical(np.arange(cells.n_obs) % 3)
+    cells.write_zarr(tmp_path / "cells.zarr")
+    result = annotator.annotate(str(tmp_path / "cells.zarr"), progress=False)
+    assert list(result.cell_ids) == list(pbmc_small.obs_names)
+    assert (result.predicted_labels == reference.predicted_labels).all()
+    assert result.report["input"]["matrix"] == ("layers/counts" if layout == "counts layer" else "X")
+    code, _, stderr = run("scl-annotate", tmp_path / "cells.zarr", "--model", annotator.session.path, "--over-clustering", "cluster")
+    assert code == 0 and (tmp_path / "cells.scl.csv").is_file(), stderr
+
+
+def test_loom_and_other_folders_are_named_with_their_conversion(annotator, pbmc_small, tmp_path):
+    (tmp_path / "not_a_store.zarr").mkdir()
     with h5py.File(tmp_path / "cells.loom", "w") as f:
         f["matrix"] = np.zeros((3, 2), np.float32)
         f.create_group("row_attrs")["Gene"] = np.array([b"CD3E", b"CD4", b"MS4A1"])
         f.create_group("col_attrs")["CellID"] = np.array([b"a", b"b"])
     (tmp_path / "empty_folder").mkdir()
-    cases = {"cells.zarr": "an anndata zarr store", "cells.loom": "a loom file", "empty_folder": "a folder without matrix.mtx"}
+    cases = {"not_a_store.zarr": "a folder without matrix.mtx", "cells.loom": "a loom file", "empty_folder": "a folder without matrix.mtx"}
     for name, words in cases.items():
         code, _, stderr = run("scl-annotate", tmp_path / name, "--model", annotator.session.path, "--output", tmp_path / "o.csv")
         assert code == 1 and words in stderr and "convert" in stderr and len(stderr.strip().splitlines()) == 1, stderr
@@ -149,3 +172,18 @@ def test_geo_prefixed_mtx_files_and_default_output_names(annotator, reference, p
     (geo / "GSM7_features.tsv.gz").unlink()
     code, _, stderr = run("scl-annotate", geo / "GSM7_matrix.mtx.gz", "--model", annotator.session.path)
     assert code == 1 and "GSM7_features.tsv or GSM7_genes.tsv" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_damaged_mtx_folder_is_named_in_one_line(annotator, pbmc_small, tmp_path):
+    folder = tmp_path / "mtx"
+    write_mtx_folder(folder, pbmc_small, gzipped=True)
+    whole = (folder / "matrix.mtx.gz").read_bytes()
+    (folder / "matrix.mtx.gz").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    code, _, stderr = run("scl-annotate", folder, "--model", annotator.session.path, "--output", tmp_path / "o.csv")
+    assert code == 1 and "not a readable Matrix Market file" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    (folder / "matrix.mtx.gz").write_bytes(whole)
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
+        fh.write("\n".join(pbmc_small.obs_names[:-1]) + "\n")  # one barcode short
+    with pytest.raises(SclError, match="the files do not belong together"):
+        annotator.annotate(str(folder), progress=False)
+    assert not (tmp_path / "o.csv").exists()
