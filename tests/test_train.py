@@ -260,9 +260,14 @@ def test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those(base
     base = load_model_dir(base_dir)
     cells = load_labelled(str(small_data / "train.h5ad"), base.gene_order, "cell_type")
     config = FinetuneConfig(base_model=str(base_dir), data=str(small_data / "train.h5ad"), out="unused")
-    split = split_calibration(cells, config, base.gene_order, ReadOptions())
-    assert sorted(split.calibration.rows) == sorted(train_file["held_out_rows"])
-    assert not set(split.rest.rows) & set(split.calibration.rows) and len(split.rest) + len(split.calibration) == 210
+    split = split_calibration(cells, config, base.gene_order, ReadOptions())  # no --val-data: the held-out cells validate and calibrate
+    assert sorted(np.concatenate([split.calibration.rows, split.validation.rows])) == sorted(train_file["held_out_rows"])
+    assert not set(split.calibration.rows) & set(split.validation.rows) and not set(split.rest.rows) & set(train_file["held_out_rows"])
+    assert len(split.rest) == 168 and len(split.calibration) == len(split.validation) == 21  # 3 + 3 of each population's 6
+    assert set(np.unique(split.validation.labels, return_counts=True)[1]) == {3}
+    with_val = split_calibration(cells, FinetuneConfig(base_model=str(base_dir), data=config.data, val_data=str(small_data / "val.h5ad"),
+                                                       out="unused"), base.gene_order, ReadOptions())
+    assert with_val.validation is None and sorted(with_val.calibration.rows) == sorted(train_file["held_out_rows"])
 
     official = tmp_path / "official"  # SCimilarity's own folder layout has no pretrain.json
     shutil.copytree(base_dir, official)
@@ -281,9 +286,28 @@ def test_a_base_that_saw_every_cell_warns_once_and_the_calibration_says_optimist
     warnings = [line for line in stderr.splitlines() if "calibration is optimistic" in line]
     assert len(warnings) == 1 and "pretrained on every cell of train.h5ad" in warnings[0] and "--holdout" in warnings[0]
     assert "OPTIMISTIC" in stdout and "OPTIMISTIC" in (out / "report.md").read_text()
+    validation_warnings = [line for line in stderr.splitlines() if "validation (which picks the epoch) is optimistic" in line]
+    n_val = json.loads((out / "metrics.json").read_text())["cells"]["validation"]
+    assert len(validation_warnings) == 1 and f"on {n_val} of the {n_val} validation cells" in validation_warnings[0]
+    report = (out / "report.md").read_text()
+    assert report.index("**On cells no stage saw**") < report.index("## Validation")  # the honest number leads
+    assert json.loads((out / "metrics.json").read_text())["validation"]["seen_by_base"] == n_val
     assert json.loads((out / "metrics.json").read_text())["calibration"]["optimistic"] is True
     code, _, stderr = run("scl-export", out, "--out", tmp_path / "m.onnx", "--sample-cells", "16")
     assert code == 0, stderr
     code, stdout, stderr = run("scl-annotate", small_data / "val.h5ad", "--model", tmp_path / "m.onnx", "--output", tmp_path / "c.csv", "--alpha", "0.1")
     assert code == 0, stderr
     assert "calibration cells were in its base model's training data, so it is optimistic" in stdout
+
+
+def test_training_keeps_the_best_epoch_stops_on_a_plateau_and_says_so():
+    from scl.train.epoch_choice import EpochChoice, epoch_line
+
+    choice, states = EpochChoice(patience=2), iter(range(100))
+    stops = [choice.offer(e, f1, loss, lambda: next(states)) for e, (f1, loss) in
+             enumerate([(0.5, 1.0), (0.8, 0.9), (0.8, 0.7), (0.8, 0.75), (0.79, 0.5)], start=1)]
+    assert stops == [False, False, False, False, True]  # epoch 3 ties epoch 2 on macro-F1 and wins on loss; 4 and 5 bring nothing
+    assert choice.epoch == 3 and choice.state == 2
+    assert "stopped early after 5 of at most 10" in epoch_line({"best": 3, "run": 5, "max": 10, "patience": 2})
+    assert "the best was the last of 5" in epoch_line({"best": 5, "run": 5, "max": 5, "patience": 3}) and "--epochs 10" in epoch_line({"best": 5, "run": 5, "max": 5, "patience": 3})
+    assert epoch_line({"best": 2, "run": 5, "max": 5, "patience": 3}) == "epochs: kept epoch 2 of 5"

@@ -59,7 +59,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.1
     lr: float = 1e-4
     head_lr: float = 1e-3
-    epochs: int = 5
+    epochs: int = 5  # the most; training stops earlier after `patience` epochs without a better validation
+    patience: int = 3
     batch_size: int = 64
     loss: str = "ce+triplet+recon"
     triplet_weight: float = 1.0
@@ -76,7 +77,7 @@ class FinetuneConfig:
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {
         "val_fraction": SHARE, "calibration_fraction": SHARE, "rank": AT_LEAST_ONE, "alpha": POSITIVE, "lora_dropout": Bounds(0, 1, high_open=True),
-        "lr": POSITIVE, "head_lr": POSITIVE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "triplet_weight": NOT_NEGATIVE,
+        "lr": POSITIVE, "head_lr": POSITIVE, "epochs": AT_LEAST_ONE, "patience": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "triplet_weight": NOT_NEGATIVE,
         "recon_weight": NOT_NEGATIVE, "margin": NOT_NEGATIVE, "knn_neighbors": AT_LEAST_ONE, "seed": SEED}
 
     def __post_init__(self):

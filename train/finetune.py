@@ -35,7 +35,8 @@ from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_t
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .novelty import class_centroids, unit
-from .roles import CalibrationSplit, refuse_shared_cells, split_calibration
+from .epoch_choice import EpochChoice, log_loss
+from .roles import CalibrationSplit, refuse_shared_cells, split_calibration, validation_summary
 from .run_dir import prepare_run_dir, refuse_finished_run, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
@@ -57,7 +58,11 @@ def embedding_metrics(z: np.ndarray, y: np.ndarray, cells: LabelledCells, decode
             "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y), margin).item()}
 
 
-def split(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
+def split(held: CalibrationSplit, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
+    """Training and validation cells: --val-data, else the base's held-out cells calibration left, else a split."""
+    cells = held.rest
+    if held.validation is not None:
+        return cells, held.validation
     if config.val_data:
         return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
     train_idx, val_idx = train_test_split(
@@ -137,7 +142,7 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
     optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
     y_train_t = torch.from_numpy(y_train).to(device)
     use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
-    history, best = [], (-1.0, None, 0)
+    history, choice = [], EpochChoice(config.patience)
     bar = tqdm(range(config.epochs), desc=f"LoRA {loss_kind}", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train_mode()
@@ -157,14 +162,16 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
             n += 1
         train_seconds = time.perf_counter() - started
         z_val = embed(model.encoder, val.x, device)
-        val_f1 = classification_metrics(y_val, model.probabilities(z_val, device), classes)["macro_f1"]
-        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())), "val_macro_f1": round(val_f1, 5), "train_seconds": round(train_seconds, 2)}
+        p_val = model.probabilities(z_val, device)
+        val_f1, val_loss = classification_metrics(y_val, p_val, classes)["macro_f1"], log_loss(p_val, y_val)
+        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())),
+               "val_macro_f1": round(val_f1, 5), "val_loss": round(val_loss, 5), "train_seconds": round(train_seconds, 2)}
         history.append(row)
         bar.set_postfix(loss=row["loss"], val_f1=row["val_macro_f1"])
-        if val_f1 > best[0]:
-            best = (val_f1, model.trainable_state(), epoch + 1)
-    model.load_trainable_state(best[1])
-    return model, history, best[2]
+        if choice.offer(epoch + 1, val_f1, val_loss, model.trainable_state):
+            break
+    model.load_trainable_state(choice.state)
+    return model, history, choice.epoch
 
 
 def sanity_checks(model: LoraClassifier, base: SCimilarityModel, val: LabelledCells, device) -> tuple[torch.nn.Module, dict, np.ndarray]:
@@ -198,7 +205,8 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
         raise SclError(f"{config.calibration_data or config.data}: no cells left to calibrate on (too few cells of each type to hold "
                        "any out); give --calibration-data or more cells.")
     refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
-    train, val = split(held.rest, config, base.gene_order, options)
+    train, val = split(held, config, base.gene_order, options)
+    held.validation_summary = validation_summary(config, val, held)
     refuse_shared_cells([("training", train, config.data), ("validation", val, config.val_data or config.data),
                          ("calibration", held.calibration, config.calibration_data or config.data)])
     classes = sorted(np.unique(train.labels))
@@ -259,6 +267,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "classes": classes,
         "parameters": counts,
         "best_epoch": best_epoch,
+        "epochs": {"max": config.epochs, "run": len(history), "best": best_epoch, "patience": config.patience},
+        "validation": held.validation_summary,
         "history": history,
         "sanity_checks": checks,
         "methods": methods,

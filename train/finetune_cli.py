@@ -39,7 +39,9 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--lora-dropout", default=0.1, show_default=True, help="Dropout on the adapters' input (the base's own dropout stays off).")
 @click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate of the adapters.")
 @click.option("--head-lr", default=1e-3, show_default=True, help="Adam learning rate of the classification head.")
-@click.option("--epochs", default=5, show_default=True)
+@click.option("--epochs", default=5, show_default=True, help="The most epochs; training stops earlier on a plateau (--patience).")
+@click.option("--patience", default=FinetuneConfig.patience, show_default=True, help="Stop after this many epochs without a better "
+              "validation macro-F1 (ties: lower validation loss); the best epoch's weights are kept.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--loss", type=click.Choice(LOSSES), default="ce+triplet+recon", show_default=True)
 @click.option("--triplet-weight", default=1.0, show_default=True)
@@ -55,6 +57,7 @@ Next: scl-export my_run --out my_model.onnx"""
 def main(quiet, ablation, **options):
     """Fine-tune a SCimilarity encoder with LoRA adapters and compare it with frozen-encoder baselines."""
     from .finetune import finetune
+    from .epoch_choice import epoch_line
     from .report import calibration_lines
 
     metrics = finetune(FinetuneConfig(**options), progress=not quiet, ablation=ablation)
@@ -63,6 +66,8 @@ def main(quiet, ablation, **options):
     click.echo(f"{'method':<14}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
     for name, m in metrics["methods"].items():
         click.echo(f"{name:<14}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
+    click.echo(f"validation: {metrics['validation']['source']}" + ("; OPTIMISTIC: the base saw them" if metrics["validation"]["optimistic"] else ""))
+    click.echo(epoch_line(metrics["epochs"]))
     for line in calibration_lines(metrics):
         click.echo(line)
     checks = metrics["sanity_checks"]

@@ -24,10 +24,12 @@ from .data import LabelledCells, file_digest, load_labelled, log, stratified_hol
 
 @dataclass
 class CalibrationSplit:
-    rest: LabelledCells  # for training and validation, split later
+    rest: LabelledCells  # for training (and validation, unless `validation` holds it)
     calibration: LabelledCells  # for calibration only
     source: str  # where the calibration cells came from, in words
     optimistic: bool  # the base model was pretrained on the calibration cells
+    validation: LabelledCells | None = None  # cells the base held out, for validation; None: --val-data or a split of `rest`
+    validation_summary: dict | None = None  # what validation_summary() found, for metrics.json
 
 
 def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarray | None:
@@ -84,7 +86,37 @@ def optimistic_warning(path: str) -> str:
 
 
 def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
-    """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation."""
+    """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation;
+    without --val-data, the cells of --data the base held out and calibration does not take validate."""
+    held = _calibration(cells, config, gene_order, options)
+    if config.calibration_data and not config.val_data:
+        unseen = base_never_saw(config.base_model, config.data, held.rest)
+        if unseen is not None and unseen.any():
+            held.rest, held.validation = held.rest.subset(~unseen), held.rest.subset(unseen)
+    return held
+
+
+def validation_summary(config: FinetuneConfig, val: LabelledCells, held: CalibrationSplit) -> dict:
+    """Where the validation cells came from and how many the base was pretrained on; one warning line when it was
+    on any: macro-F1 on cells the base has seen saturates (1.000 for the probe, k-NN and LoRA alike) and picks no epoch."""
+    path = config.val_data or config.data
+    name = Path(path).name
+    if held.validation is not None:
+        source = f"{len(val):,} cells of {name} the base model held out (pretrain.json; the others calibrate)"
+    elif config.val_data:
+        source = f"{len(val):,} cells of {name} (--val-data)"
+    else:
+        source = f"{len(val):,} cells of {name} ({config.val_fraction:.0%} per type)"
+    unseen = base_never_saw(config.base_model, path, val)
+    seen = None if unseen is None else int((~unseen).sum())
+    if seen:
+        log.warning(f"warning: the base model was pretrained on {seen:,} of the {len(val):,} validation cells, so validation (which picks "
+                    "the epoch) is optimistic; report.md leads with the calibration cells' scores. Pretrain with --holdout 0.2 (scl-train "
+                    "then validates on held-out cells) or give --val-data with cells the base never saw.")
+    return {"source": source, "cells": len(val), "seen_by_base": seen, "optimistic": bool(seen)}
+
+
+def _calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
     if config.calibration_data:
         calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options)
         unseen = base_never_saw(config.base_model, config.calibration_data, calibration)
@@ -102,7 +134,12 @@ def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, 
     name = Path(config.data).name
     unseen = base_never_saw(config.base_model, config.data, cells)
     if unseen is not None and unseen.any():
-        return CalibrationSplit(cells.subset(~unseen), cells.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} the base model held out (pretrain.json)", False)
+        if config.val_data:
+            return CalibrationSplit(cells.subset(~unseen), cells.subset(unseen), f"the {int(unseen.sum()):,} cells of {name} the base model held out (pretrain.json)", False)
+        unseen_cells = cells.subset(unseen)  # half validate (per type), half calibrate: both on cells the base never saw
+        to_val = stratified_holdout(unseen_cells.labels, 0.5, config.seed)
+        return CalibrationSplit(cells.subset(~unseen), unseen_cells.subset(~to_val), f"{int((~to_val).sum()):,} of the {int(unseen.sum()):,} cells of "
+                                f"{name} the base model held out (pretrain.json; the others validate)", False, validation=unseen_cells.subset(to_val))
     held = stratified_holdout(cells.labels, config.calibration_fraction, config.seed)
     if unseen is None:
         return CalibrationSplit(cells.subset(~held), cells.subset(held), f"{int(held.sum()):,} cells of {name} ({config.calibration_fraction:.0%} per type); "
