@@ -20,6 +20,7 @@ from . import voting
 from .annotator import AnnotateOptions, Annotator, RunTally
 from .atomic import atomic_path
 from .calls import VOTING_COLUMNS, label_names
+from .cli_errors import raise_if_stopped
 from .errors import SclError
 from .expression import ReadOptions
 from .h5ad import H5adFile
@@ -128,6 +129,7 @@ def write_annotations(source, tmp: str, input_path: str, output: str, annotator:
         bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
         per_cell, folder = bytes_per_cell(annotator, output, file_options.probabilities), Path(output).parent
         for block in annotator.stream(source, options):
+            raise_if_stopped()
             check_space_left(folder, (source.n_cells or tally.cells + len(block.cell_ids)) - tally.cells, per_cell)
             writer.write(block.cell_ids, block.calls, block.embedding, block.probabilities)
             tally.add(block, classes)

@@ -16,6 +16,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .cli_errors import raise_if_stopped
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 MARK = ".scl-tmp-"
@@ -60,6 +62,7 @@ def atomic_path(path, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        raise_if_stopped()  # a stop the signal handler could not raise (see cli_errors.py) must not commit the output
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual mode
         os.replace(tmp, path)
     except BaseException:
