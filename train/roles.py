@@ -89,6 +89,8 @@ def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, 
     """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation;
     without --val-data, the cells of --data the base held out and calibration does not take validate."""
     held = _calibration(cells, config, gene_order, options)
+    if config.calibration_data:  # before validation is taken from --data, so the overlap is named as the user made it
+        refuse_shared_cells([("training", cells, config.data), ("calibration", held.calibration, config.calibration_data)])
     if config.calibration_data and not config.val_data:
         unseen = base_never_saw(config.base_model, config.data, held.rest)
         if unseen is not None and unseen.any():
