@@ -311,3 +311,34 @@ def test_training_keeps_the_best_epoch_stops_on_a_plateau_and_says_so():
     assert "stopped early after 5 of at most 10" in epoch_line({"best": 3, "run": 5, "max": 10, "patience": 2})
     assert "the best was the last of 5" in epoch_line({"best": 5, "run": 5, "max": 5, "patience": 3}) and "--epochs 10" in epoch_line({"best": 5, "run": 5, "max": 5, "patience": 3})
     assert epoch_line({"best": 2, "run": 5, "max": 5, "patience": 3}) == "epochs: kept epoch 2 of 5"
+
+
+def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero():
+    from scl.train.schedule import lr_schedule
+
+    def rates(schedule, epochs=4, steps=5):
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, seen = lr_schedule(optimizer, schedule, epochs, steps), []
+        for _ in range(epochs * steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return np.array(seen)
+
+    assert (rates("constant") == 1.0).all()
+    cosine = rates("cosine")
+    assert np.allclose(cosine[:5], [0.2, 0.4, 0.6, 0.8, 1.0])  # warm-up over the first epoch's steps
+    assert (np.diff(cosine[5:]) < 0).all() and cosine[-1] < 0.02  # then down, to about zero at the last step
+
+
+def test_recipe_seed_reproduces_the_seeds_settings_under_the_flags_given(base_dir, small_data, tmp_path):
+    out = tmp_path / "seed_run"
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--out", out, "--recipe", "seed",
+                          "--epochs", "1", "--quiet")
+    assert code == 0, stderr
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert (config["lr"], config["schedule"], config["epochs"]) == (1e-4, "constant", 1)  # the flag given wins over the recipe
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--out", tmp_path / "x", "--schedule", "linear")
+    assert code == 2 and "'linear' is not one of 'constant', 'cosine'" in stderr
+    with pytest.raises(SclError, match="--schedule 'linear': choose one of constant, cosine"):
+        finetune(FinetuneConfig(base_model=str(base_dir), data=str(small_data / "train.h5ad"), out=str(tmp_path / "y"), schedule="linear"))

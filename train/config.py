@@ -40,6 +40,7 @@ class PretrainConfig:
 
 
 LOSSES = ("ce", "ce+triplet", "ce+triplet+recon")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class FinetuneConfig:
     head_lr: float = 1e-3
     epochs: int = 5  # the most; training stops earlier after `patience` epochs without a better validation
     patience: int = 3
+    schedule: str = "constant"  # or "cosine": one epoch of warm-up, then cosine decay over `epochs` (schedule.py)
     batch_size: int = 64
     loss: str = "ce+triplet+recon"
     triplet_weight: float = 1.0
@@ -82,3 +84,8 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_bounds(self, self.BOUNDS)
+
+
+# Named settings that --recipe applies under the flags given: "seed" reproduces the seed's runs (lr 1e-4, 5 epochs,
+# constant rate), which benchmarks/recipe.py measured against the defaults.
+RECIPES: dict[str, dict] = {"default": {}, "seed": {"lr": 1e-4, "epochs": 5, "schedule": "constant"}}

@@ -28,7 +28,7 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ReadOptions
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
-from .config import LOSSES, FinetuneConfig
+from .config import LOSSES, SCHEDULES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled, log, refuse_tiny_classes
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
@@ -36,6 +36,7 @@ from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .novelty import class_centroids, unit
 from .epoch_choice import EpochChoice, log_loss
+from .schedule import lr_schedule
 from .roles import CalibrationSplit, refuse_shared_cells, split_calibration, validation_summary
 from .run_dir import prepare_run_dir, refuse_finished_run, write_run
 
@@ -140,6 +141,8 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
     model = classifier(base, probe, config, device)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
+    batch_size = min(config.batch_size, len(y_train))
+    scheduler = lr_schedule(optimizer, config.schedule, config.epochs, max(len(y_train) // batch_size, 1))
     y_train_t = torch.from_numpy(y_train).to(device)
     use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
     history, choice = [], EpochChoice(config.patience)
@@ -147,7 +150,7 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
     for epoch in bar:
         model.train_mode()
         sums, n, started = np.zeros(4), 0, time.perf_counter()
-        for index in batches(len(y_train), min(config.batch_size, len(y_train)), gen):
+        for index in batches(len(y_train), batch_size, gen):
             x = dense(train.x, index, device)
             with autocast(device):
                 z = model.encoder(x)
@@ -158,6 +161,7 @@ def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
             sums += [loss.item(), ce.item(), triplet.item(), recon.item()]
             n += 1
         train_seconds = time.perf_counter() - started
@@ -228,6 +232,8 @@ def load_data(config: FinetuneConfig, base: SCimilarityModel):
 def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
     if config.loss not in LOSSES:
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
+    if config.schedule not in SCHEDULES:
+        raise SclError(f"--schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
     refuse_finished_run(config.out)
     device = resolve_device(config.device)
     base = load_model_dir(config.base_model)

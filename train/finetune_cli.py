@@ -6,7 +6,7 @@ import click
 
 from scl.runtime.cli_errors import reports_input_errors
 
-from .config import LOSSES, FinetuneConfig
+from .config import LOSSES, RECIPES, SCHEDULES, FinetuneConfig
 
 
 @click.command(
@@ -37,11 +37,15 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", default=16, show_default=True, help="LoRA alpha.")
 @click.option("--lora-dropout", default=0.1, show_default=True, help="Dropout on the adapters' input (the base's own dropout stays off).")
-@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate of the adapters.")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="default", show_default=True, help="Named settings under the flags given: "
+              "'seed' is the seed's lr 1e-4, 5 epochs, constant rate, for reproducing earlier runs (benchmarks/recipe.py compares them).")
+@click.option("--lr", default=FinetuneConfig.lr, show_default=True, help="Adam learning rate of the adapters.")
 @click.option("--head-lr", default=1e-3, show_default=True, help="Adam learning rate of the classification head.")
-@click.option("--epochs", default=5, show_default=True, help="The most epochs; training stops earlier on a plateau (--patience).")
+@click.option("--epochs", default=FinetuneConfig.epochs, show_default=True, help="The most epochs; training stops earlier on a plateau (--patience).")
 @click.option("--patience", default=FinetuneConfig.patience, show_default=True, help="Stop after this many epochs without a better "
               "validation macro-F1 (ties: lower validation loss); the best epoch's weights are kept.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=FinetuneConfig.schedule, show_default=True, help="Learning rate over "
+              "training: constant, or one epoch of linear warm-up then cosine decay over --epochs.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--loss", type=click.Choice(LOSSES), default="ce+triplet+recon", show_default=True)
 @click.option("--triplet-weight", default=1.0, show_default=True)
@@ -54,8 +58,11 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_input_errors
-def main(quiet, ablation, **options):
+@click.pass_context
+def main(ctx, quiet, ablation, recipe, **options):
     """Fine-tune a SCimilarity encoder with LoRA adapters and compare it with frozen-encoder baselines."""
+    given = {name for name in options if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    options |= {name: value for name, value in RECIPES[recipe].items() if name not in given}
     from .finetune import finetune
     from .epoch_choice import epoch_line
     from .report import calibration_lines
