@@ -118,19 +118,21 @@ def measure(model: Path, path: Path, label_key: str = "cell_type") -> dict:
     return out
 
 
-def celltypist_transfer(reference: Path, query: Path) -> dict:
+def celltypist_transfer(reference: Path, query: Path, top_genes: int | None = None) -> dict:
+    """CellTypist trained on `reference`, scored on `query`: all genes, or its custom-model recipe (feature_selection: the
+    top_genes genes with the largest coefficients per class, then a second fit)."""
     import anndata as ad
     import celltypist
     from sklearn.metrics import accuracy_score, f1_score
 
     from accuracy import lognormalised
 
-    model = celltypist.train(lognormalised(ad.read_h5ad(reference)), labels="cell_type", use_SGD=True, feature_selection=False,
-                             n_jobs=-1, max_iter=1000, random_state=0)
+    model = celltypist.train(lognormalised(ad.read_h5ad(reference)), labels="cell_type", use_SGD=True, feature_selection=top_genes is not None,
+                             top_genes=top_genes or 300, n_jobs=-1, max_iter=1000, random_state=0)
     q = lognormalised(ad.read_h5ad(query))
     predicted = celltypist.annotate(q, model=model).predicted_labels["predicted_labels"].astype(str).to_numpy()
     truth = q.obs["cell_type"].astype(str).to_numpy()
-    return {"version": celltypist.__version__, "accuracy": round(float(accuracy_score(truth, predicted)), 4),
+    return {"version": celltypist.__version__, "features": int(len(model.features)), "accuracy": round(float(accuracy_score(truth, predicted)), 4),
             "macro_f1": round(float(f1_score(truth, predicted, labels=np.unique(truth), average="macro")), 4)}
 
 

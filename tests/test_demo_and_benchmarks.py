@@ -114,3 +114,21 @@ def test_int8_layers_smoke_run(tmp_path, scimilarity_genes):
     assert [v["int8_matrix_products"] for v in variants.values()] == [0, 4, 1]  # fp32; every layer; the gene-wide layer
     assert variants["fp32"]["label_agreement"] == 1.0 and all(0.5 < v["label_agreement"] <= 1 and v["speed_vs_fp32"] > 0 for v in variants.values())
     assert "gene layer (scl-export)" in next(tmp_path.glob("*-int8-layers-smoke.md")).read_text()
+
+
+def test_recipe_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--smoke", "--settings", "pbmc_on_tissues,seg_to_baron",
+                           "--grid", "lr=1e-3", "schedule=constant,cosine", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-recipe-smoke.json")).read_text())
+    assert set(result["settings"]) == {"pbmc_on_tissues", "seg_to_baron"}
+    for s in result["settings"].values():
+        assert list(s["lora"]) == ["seed", "lr 0.001, constant, max 20", "lr 0.001, cosine, max 20"]  # the seed's recipe always runs
+        scores = [s["probe"]["macro_f1"], s["knn"]["macro_f1"], s["full_finetune"]["macro_f1"], *(r["macro_f1"] for r in s["lora"].values()),
+                  s["celltypist"]["all_genes"]["macro_f1"], s["celltypist"]["300_features"]["macro_f1"]]
+        assert all(0 <= f <= 1 for f in scores) and s["test_cells"] > 0
+        assert all(r["head_max_row_norm"] > 0 for r in s["lora"].values())
+        assert s["celltypist"]["300_features"]["features"] < s["celltypist"]["all_genes"]["features"]  # feature selection ran
+    assert all(0 < r["int8_label_agreement"] <= 1 for r in result["settings"]["pbmc_on_tissues"]["lora"].values())
+    assert result["choice"]["chosen"] in result["settings"]["pbmc_on_tissues"]["lora"]
+    assert "CellTypist, 300 features per class" in next(tmp_path.glob("*-recipe-smoke.md")).read_text()
