@@ -220,13 +220,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="PBMC splits (and training seeds) with the default hold-out")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>-calibration.json and .md")
     args = parser.parse_args()
+    from run import write_results
+
     results = run(args.smoke, args.seeds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (results["machine"] + "-calibration" + ("-smoke" if args.smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_results(results, Path(args.out), args.smoke, "calibration", markdown))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from scl.train.config import RECIPES
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
 
-SEED_RECIPE = {"lr": 1e-4, "epochs": 5, "schedule": "constant"}
+SEED_RECIPE = RECIPES["seed"]  # what scl-train --recipe seed applies
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "schedule": ["constant", "cosine"], "epochs": [20]}
 FULL_FINETUNE_LR = 1e-4
 MIN_GENES = 1000  # the pancreas files hold 2,000 genes (the default asks 5,000 of SCimilarity's 28,231)
@@ -95,6 +97,10 @@ def macro_f1(truth, predicted) -> float:
     return round(float(f1_score(truth, predicted, labels=np.unique(truth), average="macro")), 4)
 
 
+def seconds_per_epoch(history: list[dict]) -> float:
+    return round(float(np.median([row["train_seconds"] for row in history])), 2)
+
+
 def lora_run(base_dir: Path, user: Path, new: Path, recipe: dict, out: Path, test, smoke: bool) -> dict:
     """One scl-train run as a user starts it; scored on the new cells with the merged encoder and head."""
     import torch
@@ -114,10 +120,9 @@ def lora_run(base_dir: Path, user: Path, new: Path, recipe: dict, out: Path, tes
     int8 = int8_agreement(out, new)
     shutil.rmtree(out)  # a merged model and adapters per run: gigabytes over a grid
     epochs = metrics["epochs"]
-    history = metrics["history"]
     return {"recipe": recipe, "macro_f1": macro_f1(test.labels, np.array(run.classes)[logits.argmax(1)]),
             "val_macro_f1": metrics["methods"]["lora"]["macro_f1"], "epochs_run": epochs["run"], "best_epoch": epochs["best"],
-            "seconds_per_epoch": round(float(np.median([row["train_seconds"] for row in history])), 2), "seconds": round(seconds, 1),
+            "seconds_per_epoch": seconds_per_epoch(metrics["history"]), "seconds": round(seconds, 1),
             "drift": metrics["sanity_checks"]["adapted_mean_cosine_drift_from_base"], "probe_C": metrics["methods"]["base+linear"]["fit"]["C"],
             "head_max_row_norm": round(float(run.head.weight.detach().norm(dim=1).max()), 1), "int8_label_agreement": int8}
 
@@ -164,7 +169,7 @@ def frozen_and_full(base_dir: Path, user: Path, recipe: dict, test, smoke: bool)
             "knn": {"macro_f1": macro_f1(test.labels, names[knn.argmax(1)]), "k": config.knn_neighbors},
             "full_finetune": {"macro_f1": macro_f1(test.labels, names[full.probabilities(embed(full.encoder, test.x, cpu), cpu).argmax(1)]),
                               "lr": FULL_FINETUNE_LR, "epochs_run": len(history), "best_epoch": best, "seconds": round(seconds, 1),
-                              "seconds_per_epoch": round(float(np.median([row["train_seconds"] for row in history])), 2)}}
+                              "seconds_per_epoch": seconds_per_epoch(history)}}
 
 
 def measure_setting(name: str, base_dir: Path, user: Path, new: Path, grid: dict, work: Path, smoke: bool) -> dict:
@@ -236,7 +241,7 @@ def parse_grid(items: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    from run import machine_name
+    from run import machine_name, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="small networks and few cells: checks the benchmark runs")
@@ -255,14 +260,9 @@ def main(argv=None) -> dict:
         for name in args.settings.split(","):
             base_of, user, new = found[name]
             results["settings"][name] = measure_setting(name, base_of(), user, new, grid, work, args.smoke)
-    if len([s for s in results["settings"] if s != "pbmc_same_file"]) >= 1:
+    if any(s != "pbmc_same_file" for s in results["settings"]):
         results["choice"] = default_choice(results["settings"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (results["machine"] + "-recipe" + ("-smoke" if args.smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_results(results, Path(args.out), args.smoke, "recipe", markdown))
     return results
 
 

@@ -274,11 +274,14 @@ def main(argv=None) -> dict:
     return results
 
 
-def write_results(results: dict, out: Path, smoke: bool) -> None:
+def write_results(results: dict, out: Path, smoke: bool, kind: str = "", table=None) -> str:
+    """<machine>[-kind][-smoke].json and .md in `out`; returns the markdown (`table(results)`, this suite's by default)."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (results["machine"] + ("-smoke" if smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
+    stem = out / (results["machine"] + (f"-{kind}" if kind else "") + ("-smoke" if smoke else ""))
+    text = (table or markdown)(results)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    return text
 
 
 def markdown(r: dict) -> str:
