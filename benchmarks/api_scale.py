@@ -127,7 +127,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from run import machine_name
+    from run import machine_name, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=50000, help="cells side by side")
@@ -145,12 +145,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         results["side_by_side"] = side_by_side(genes, args.cells, tmp, runs=1 if args.smoke else 3)
         results["scale"] = scale(tmp / "model.int8.onnx", [int(v) for v in args.scale.split(",")], detected=500)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (results["machine"] + ("-api-smoke" if args.smoke else "-api"))
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_results(results, Path(args.out), args.smoke, "api", markdown))
     return results
 
 

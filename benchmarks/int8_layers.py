@@ -86,32 +86,34 @@ def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     return {"seed": seed, "cells": len(counts), "head_row_norm_max": round(head_norm, 1), "variants": compare(paths, counts, rounds)}
 
 
+def markdown(r: dict) -> str:
+    runs = r["runs"]
+    size = "the fast" if r["smoke"] else "the full"
+    lines = [f"int8 on {size} demo's models, {runs[0]['cells']} held-out PBMCs; {r['machine']}, "
+             f"{r['date']}; `{r['command']}`.", "",
+             "| seed | head row norm (max) | int8 quantizes | labels equal to fp32 | max emb diff | MB | speed vs fp32 |", "|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        for name, v in run["variants"].items():
+            if name != "fp32":
+                lines.append(f"| {run['seed']} | {run['head_row_norm_max']:,.0f} | {name} | {100 * v['label_agreement']:.1f}% | {v['max_abs_diff_embedding']:.1e} | "
+                             f"{v['megabytes']} (fp32 {run['variants']['fp32']['megabytes']}) | {v['speed_vs_fp32']}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--smoke", action="store_true", help="one fast demo (small network), two timing rounds")
     args = parser.parse_args(argv)
-    from run import machine_name
+    from run import machine_name, write_results
 
     seeds = range(1 if args.smoke else args.seeds)
     command = "python benchmarks/int8_layers.py " + ("--smoke" if args.smoke else f"--seeds {args.seeds}")
     with tempfile.TemporaryDirectory() as tmp:
         runs = [one_seed(s, args.smoke, Path(tmp), 2 if args.smoke else 5) for s in seeds]
-    result = {"machine": machine_name(), "command": command, "date": datetime.date.today().isoformat(), "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (result["machine"] + "-int8-layers" + ("-smoke" if args.smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"int8 on {'the fast' if args.smoke else 'the full'} demo's models, {runs[0]['cells']} held-out PBMCs; {result['machine']}, "
-             f"{result['date']}; `{command}`.", "",
-             "| seed | head row norm (max) | int8 quantizes | labels equal to fp32 | max emb diff | MB | speed vs fp32 |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        for name, v in r["variants"].items():
-            if name != "fp32":
-                lines.append(f"| {r['seed']} | {r['head_row_norm_max']:,.0f} | {name} | {100 * v['label_agreement']:.1f}% | {v['max_abs_diff_embedding']:.1e} | "
-                             f"{v['megabytes']} (fp32 {r['variants']['fp32']['megabytes']}) | {v['speed_vs_fp32']}x |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result = {"machine": machine_name(), "command": command, "date": datetime.date.today().isoformat(), "smoke": args.smoke, "runs": runs}
+    write_results(result, Path(args.out), args.smoke, "int8-layers", markdown)
     return result
 
 

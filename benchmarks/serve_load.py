@@ -130,6 +130,22 @@ def slow_clients(base: str, port: int, connections: int, read_timeout: float) ->
             "healthz_max_ms": round(max((took for *_, took in health), default=0) * 1000, 1)}
 
 
+def markdown(r: dict) -> str:
+    lines = [f"scl-serve on {r['machine']}, {r['model']}, one cell (~2,500 genes) per POST /predict; "
+             f"{r['date']}; `{r['command']}`.", "", "| micro-batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {'on' if level['micro_batching'] else 'off'} | {level['clients']} | {level['requests']} | {level['requests_per_second']} | {level['p50_ms']} | {level['p99_ms']} |" for level in r["levels"]]
+    u = r["unknown_genes"]
+    lines += ["", f"One request of {u['cells']:,} cells naming {u['distinct_genes']:,} distinct genes the model does not know: HTTP {u['status']} "
+              f"in {u['seconds']} s; server peak RSS {u['peak_rss_mb_before']:,.0f} -> {u['peak_rss_mb_after']:,.0f} MB; "
+              f"/healthz at most {u['healthz_max_ms']} ms meanwhile."]
+    c = r["slow_clients"]
+    lines += ["", f"{c['connections']:,} slow clients sending a request line a byte a second, `--read-timeout {c['read_timeout_s']:g}`: "
+              f"cut (408, closed) after {c['cut_after_s_min']}-{c['cut_after_s_max']} s, {c['still_open_at_end']} still open at the end; "
+              f"/healthz answered {c['healthz_status_during']} while they held the connections (--max-connections 64) and "
+              f"{c['healthz_status_after']} after, at most {c['healthz_max_ms']} ms."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
@@ -139,7 +155,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.requests = 20
-    from run import machine_name
+    from run import machine_name, write_results
     from synthetic import cell_block, random_model, write_onnx
 
     read_timeout = 3.0 if args.smoke else 30.0  # 30: scl-serve's default
@@ -168,23 +184,7 @@ def main(argv=None) -> dict:
             finally:
                 server.terminate()
                 server.wait(timeout=10)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (results["machine"] + "-serve" + ("-smoke" if args.smoke else ""))
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = [f"scl-serve on {results['machine']}, {results['model']}, one cell (~2,500 genes) per POST /predict; "
-             f"{results['date']}; `{results['command']}`.", "", "| micro-batching | clients | requests | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
-    lines += [f"| {'on' if r['micro_batching'] else 'off'} | {r['clients']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} |" for r in results["levels"]]
-    u = results["unknown_genes"]
-    lines += ["", f"One request of {u['cells']:,} cells naming {u['distinct_genes']:,} distinct genes the model does not know: HTTP {u['status']} "
-              f"in {u['seconds']} s; server peak RSS {u['peak_rss_mb_before']:,.0f} -> {u['peak_rss_mb_after']:,.0f} MB; "
-              f"/healthz at most {u['healthz_max_ms']} ms meanwhile."]
-    c = results["slow_clients"]
-    lines += ["", f"{c['connections']:,} slow clients sending a request line a byte a second, `--read-timeout {c['read_timeout_s']:g}`: "
-              f"cut (408, closed) after {c['cut_after_s_min']}-{c['cut_after_s_max']} s, {c['still_open_at_end']} still open at the end; "
-              f"/healthz answered {c['healthz_status_during']} while they held the connections (--max-connections 64) and "
-              f"{c['healthz_status_after']} after, at most {c['healthz_max_ms']} ms."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(write_results(results, Path(args.out), args.smoke, "serve", markdown))
     return results
 
 
