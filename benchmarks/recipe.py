@@ -45,6 +45,9 @@ sys.path.insert(0, str(HERE))
 
 SEED_RECIPE = RECIPES["seed"]  # what scl-train --recipe seed applies
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "schedule": ["constant", "cosine"], "epochs": [20]}
+# further FinetuneConfig fields --grid may sweep, with their short names in the tables
+MORE_KEYS = {"rank": "rank", "alpha": "alpha", "head_lr": "head lr", "triplet_weight": "triplet", "recon_weight": "recon",
+             "lora_dropout": "dropout", "batch_size": "batch", "seed": "seed"}
 FULL_FINETUNE_LR = 1e-4
 MIN_GENES = 1000  # the pancreas files hold 2,000 genes (the default asks 5,000 of SCimilarity's 28,231)
 SETTINGS = ("pbmc_on_tissues", "baron_to_seg", "seg_to_baron", "pbmc_same_file")
@@ -56,7 +59,10 @@ def recipes(grid: dict) -> list[dict]:
 
 
 def recipe_name(recipe: dict) -> str:
-    return "seed" if recipe == SEED_RECIPE else f"lr {recipe['lr']:g}, {recipe['schedule']}, max {recipe['epochs']}"
+    if recipe == SEED_RECIPE:
+        return "seed"
+    more = "".join(f", {MORE_KEYS[k]} {v:g}" for k, v in recipe.items() if k in MORE_KEYS)
+    return f"lr {recipe['lr']:g}, {recipe['schedule']}, max {recipe['epochs']}{more}"
 
 
 def base(name: str, files: list[Path], holdout: float, work: Path, smoke: bool) -> Path:
@@ -213,15 +219,15 @@ def markdown(r: dict) -> str:
     for name, s in r["settings"].items():
         lines += [f"### {name} (base {s['base']}; trained on {s['user_file']}, scored on {s['test_cells']} cells of {s['new_cells']})", "",
                   "| method | macro-F1 | epochs run (best) | s/epoch | head's largest row norm | int8 keeps labels |", "|---|---|---|---|---|---|",
-                  f"| frozen base, linear probe (C {s['probe']['C']:.3g}) | {s['probe']['macro_f1']:.3f} | | |",
-                  f"| frozen base, k-NN (k {s['knn']['k']}) | {s['knn']['macro_f1']:.3f} | | |"]
+                  f"| frozen base, linear probe (C {s['probe']['C']:.3g}) | {s['probe']['macro_f1']:.3f} | | | | |",
+                  f"| frozen base, k-NN (k {s['knn']['k']}) | {s['knn']['macro_f1']:.3f} | | | | |"]
         for n, row in s["lora"].items():
             lines.append(f"| LoRA, {n} | {row['macro_f1']:.3f} | {row['epochs_run']} ({row['best_epoch']}) | {row['seconds_per_epoch']} | "
                          f"{row.get('head_max_row_norm', '')} | {pct(row.get('int8_label_agreement'))} |")
         f = s["full_finetune"]
-        lines += [f"| full fine-tuning (lr {f['lr']:g}, best LoRA schedule) | {f['macro_f1']:.3f} | {f['epochs_run']} ({f['best_epoch']}) | {f['seconds_per_epoch']} |",
-                  f"| CellTypist, all genes | {s['celltypist']['all_genes']['macro_f1']:.3f} | | |",
-                  f"| CellTypist, 300 features per class | {s['celltypist']['300_features']['macro_f1']:.3f} | | |", ""]
+        lines += [f"| full fine-tuning (lr {f['lr']:g}, best LoRA schedule) | {f['macro_f1']:.3f} | {f['epochs_run']} ({f['best_epoch']}) | {f['seconds_per_epoch']} | | |",
+                  f"| CellTypist, all genes | {s['celltypist']['all_genes']['macro_f1']:.3f} | | | | |",
+                  f"| CellTypist, 300 features per class | {s['celltypist']['300_features']['macro_f1']:.3f} | | | | |", ""]
     if "choice" in r:
         c = r["choice"]
         lines += [f"Default chosen: **{c['chosen']}** (best mean rank over {', '.join(c['settings'])}).", "",
@@ -231,12 +237,15 @@ def markdown(r: dict) -> str:
 
 
 def parse_grid(items: list[str]) -> dict:
+    from scl.train.config import FinetuneConfig
+
     grid = dict(GRID)
     for item in items:
         key, _, values = item.partition("=")
-        if key not in GRID:
-            raise SystemExit(f"--grid {item!r}: the keys are {', '.join(GRID)}")
-        grid[key] = [v if key == "schedule" else (int(v) if key == "epochs" else float(v)) for v in values.split(",")]
+        if key not in GRID and key not in MORE_KEYS:
+            raise SystemExit(f"--grid {item!r}: the keys are {', '.join([*GRID, *MORE_KEYS])}")
+        kind = type(getattr(FinetuneConfig("base", "data"), key))
+        grid[key] = [kind(v) for v in values.split(",")]
     return grid
 
 
@@ -246,7 +255,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="small networks and few cells: checks the benchmark runs")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS))
-    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 replacing the default grid's values (lr, schedule, epochs)")
+    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 replacing the default grid's values (lr, schedule, epochs) or sweeping another setting (rank, alpha, head_lr, triplet_weight, recon_weight, lora_dropout, batch_size, seed)")
     parser.add_argument("--work", help="folder for bases and runs, reused when rerun (default: a temporary folder)")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>-recipe.json and .md")
     args = parser.parse_args(argv)

@@ -118,12 +118,14 @@ def test_int8_layers_smoke_run(tmp_path, scimilarity_genes):
 
 def test_recipe_smoke_run(tmp_path, scimilarity_genes):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--smoke", "--settings", "pbmc_on_tissues,seg_to_baron",
-                           "--grid", "lr=1e-3", "schedule=constant,cosine", "--out", str(tmp_path)], capture_output=True, text=True)
+                           "--grid", "lr=1e-3", "schedule=constant", "triplet_weight=1,0.1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("*-recipe-smoke.json")).read_text())
     assert set(result["settings"]) == {"pbmc_on_tissues", "seg_to_baron"}
     for s in result["settings"].values():
-        assert list(s["lora"]) == ["seed", "lr 0.001, constant, max 20", "lr 0.001, cosine, max 20"]  # the seed's recipe always runs
+        # the seed's recipe always runs; a swept FinetuneConfig field is named in the row and reaches the run
+        assert list(s["lora"]) == ["seed", "lr 0.001, constant, max 20, triplet 1", "lr 0.001, constant, max 20, triplet 0.1"]
+        assert [r["recipe"].get("triplet_weight") for r in s["lora"].values()] == [None, 1.0, 0.1]
         scores = [s["probe"]["macro_f1"], s["knn"]["macro_f1"], s["full_finetune"]["macro_f1"], *(r["macro_f1"] for r in s["lora"].values()),
                   s["celltypist"]["all_genes"]["macro_f1"], s["celltypist"]["300_features"]["macro_f1"]]
         assert all(0 <= f <= 1 for f in scores) and s["test_cells"] > 0
@@ -132,3 +134,22 @@ def test_recipe_smoke_run(tmp_path, scimilarity_genes):
     assert all(0 < r["int8_label_agreement"] <= 1 for r in result["settings"]["pbmc_on_tissues"]["lora"].values())
     assert result["choice"]["chosen"] in result["settings"]["pbmc_on_tissues"]["lora"]
     assert "CellTypist, 300 features per class" in next(tmp_path.glob("*-recipe-smoke.md")).read_text()
+
+
+def test_probe_range_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "probe_range.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-probe-range-smoke.json")).read_text())
+    for s in result["settings"].values():
+        narrow, wide = s["ranges"].values()
+        assert 1e-3 <= narrow["C"] <= 10 and 1e-3 <= wide["C"] <= 1000 and all(0 <= v["macro_f1"] <= 1 for v in (narrow, wide))
+    assert "C chosen" in next(tmp_path.glob("*-probe-range-smoke.md")).read_text()
+
+
+def test_pancreas_genes_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pancreas_genes.py"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-pancreas-genes.json")).read_text())
+    assert result["genes"]["baron"] == result["genes"]["seg"] == 2000 and 0 < result["genes"]["shared"] < 2000
+    assert set(result["directions"]) == {"baron_to_seg", "seg_to_baron"}
+    assert all(0 <= v <= 1 for d in result["directions"].values() for v in d.values()) and result["embedding"] is None

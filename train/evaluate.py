@@ -65,11 +65,12 @@ class LinearProbe:
     fit: dict
 
 
-def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int, seed: int = 0) -> LinearProbe:
+def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_classes: int, seed: int = 0,
+                 cs: np.ndarray = PROBE_CS) -> LinearProbe:
     """Logistic regression on standardised frozen embeddings, C chosen by 5-fold cross-validated log-loss, lbfgs to convergence.
 
     Unit-norm embeddings have tiny per-feature scale; without standardising, any fixed C over-regularises. C is
-    chosen by log-loss among PROBE_CS, not by accuracy: on near-separable embeddings accuracy ties across C and
+    chosen by log-loss among `cs`, not by accuracy: on near-separable embeddings accuracy ties across C and
     picked anything from 0.27 to 51.8 (head row norms 321 to 3,400, which int8 rounds badly); log-loss prefers
     the C whose probabilities are right, and the grid's top bounds the weights.
     """
@@ -77,7 +78,7 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, n_
     scaler = StandardScaler().fit(z_train)
     with warnings.catch_warnings():  # scikit-learn 1.9's notices of changing defaults; scoring is set explicitly
         warnings.simplefilter("ignore", FutureWarning)
-        clf = LogisticRegressionCV(Cs=PROBE_CS, cv=5, max_iter=max_iter, scoring="neg_log_loss", random_state=seed).fit(scaler.transform(z_train), y_train)
+        clf = LogisticRegressionCV(Cs=cs, cv=5, max_iter=max_iter, scoring="neg_log_loss", random_state=seed).fit(scaler.transform(z_train), y_train)
     coef, intercept = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # two classes: sigmoid as a two-way softmax
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
