@@ -110,7 +110,7 @@ def test_same_seed_same_result(base_dir, small_data, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (dict(epochs=0), "epochs 0: give a whole number, 1 or more, such as 5 (the default)"),
+    (dict(epochs=0), "epochs 0: give a whole number, 1 or more, such as 20 (the default)"),
     (dict(lr=float("nan")), "lr nan: give a number above 0"),
     (dict(val_fraction=1.5), "val_fraction 1.5: give a number in (0, 1), such as 0.2"),
     (dict(calibration_fraction=0), "calibration_fraction 0: give a number in (0, 1)"),

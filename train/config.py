@@ -58,9 +58,9 @@ class FinetuneConfig:
     rank: int = 8
     alpha: int = 16
     lora_dropout: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-3  # lr, epochs and schedule: chosen by benchmarks/recipe.py (README, "Choosing the fine-tuning recipe")
     head_lr: float = 1e-3
-    epochs: int = 5  # the most; training stops earlier after `patience` epochs without a better validation
+    epochs: int = 20  # the most; training stops earlier after `patience` epochs without a better validation
     patience: int = 3
     schedule: str = "constant"  # or "cosine": one epoch of warm-up, then cosine decay over `epochs` (schedule.py)
     batch_size: int = 64

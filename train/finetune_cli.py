@@ -40,7 +40,7 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="default", show_default=True, help="Named settings under the flags given: "
               "'seed' is the seed's lr 1e-4, 5 epochs, constant rate, for reproducing earlier runs (benchmarks/recipe.py compares them).")
 @click.option("--lr", default=FinetuneConfig.lr, show_default=True, help="Adam learning rate of the adapters.")
-@click.option("--head-lr", default=1e-3, show_default=True, help="Adam learning rate of the classification head.")
+@click.option("--head-lr", default=FinetuneConfig.head_lr, show_default=True, help="Adam learning rate of the classification head.")
 @click.option("--epochs", default=FinetuneConfig.epochs, show_default=True, help="The most epochs; training stops earlier on a plateau (--patience).")
 @click.option("--patience", default=FinetuneConfig.patience, show_default=True, help="Stop after this many epochs without a better "
               "validation macro-F1 (ties: lower validation loss); the best epoch's weights are kept.")
