@@ -33,7 +33,7 @@ def over_cluster(embedding: np.ndarray, n_clusters: int | None = None, seed: int
 
     Examples
     --------
-    >>> clusters = scl.voting.over_cluster(result.embedding)
+    >>> clusters = scl.over_cluster(result.embedding)
     """
     try:
         from sklearn.cluster import MiniBatchKMeans
