@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", help="a base model folder to embed both files with (frozen)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
+    if args.base and not (Path(args.base) / "gene_order.tsv").is_file():
+        parser.error(f"--base {args.base}: not a model folder (no gene_order.tsv); give one such as recipe.py's --work/bases/pbmc_brain")
     results = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
                "command": "python benchmarks/pancreas_genes.py" + (f" --base {args.base}" if args.base else ""),
                **measure(Path(args.base) if args.base else None)}
