@@ -72,17 +72,14 @@ def measure(base: Path | None) -> dict:
     shared = sorted(set(data["baron"].var_names) & set(data["seg"].var_names))
     directions = {}
     with tempfile.TemporaryDirectory() as tmp:
+        subsets = {name: Path(tmp) / f"{name}_shared.h5ad" for name in FILES}  # raw counts over the shared genes, for CellTypist to normalise itself
+        for name, path in subsets.items():
+            ad.read_h5ad(FILES[name])[:, shared].copy().write_h5ad(path)
         for ref, query in (("baron", "seg"), ("seg", "baron")):
-            subsets = []
-            for name in (ref, query):  # raw counts over the shared genes, for CellTypist to normalise itself
-                path = Path(tmp) / f"{name}_shared.h5ad"
-                raw = ad.read_h5ad(FILES[name])
-                raw[:, shared].copy().write_h5ad(path)
-                subsets.append(path)
             directions[f"{ref}_to_{query}"] = {
                 "logistic_shared_genes": logistic_transfer(data[ref], data[query], shared),
                 "logistic_reference_genes": logistic_transfer(data[ref], data[query], list(data[ref].var_names)),
-                "celltypist_300_shared_genes": celltypist_transfer(subsets[0], subsets[1], top_genes=300)["macro_f1"]}
+                "celltypist_300_shared_genes": celltypist_transfer(subsets[ref], subsets[query], top_genes=300)["macro_f1"]}
             print(f"{ref} -> {query}: {directions[f'{ref}_to_{query}']}", flush=True)
     return {"genes": {name: int(a.n_vars) for name, a in data.items()} | {"shared": len(shared)}, "directions": directions,
             "embedding": embedding_gap(base) if base else None}
