@@ -9,12 +9,16 @@ from pathlib import Path
 
 import click
 
+from .bounds import Bounds, check_setting
 from .cli_errors import reports_input_errors
 from .errors import SclError
 from .expression import ReadOptions
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, MATRIX_CHOICES
 from .normalize import INPUT_KINDS
 from .places import Place, refuse_clashes
+
+
+POSITIVE_GIB = Bounds(0, low_open=True, words="a positive number of GiB")
 
 
 def expand_inputs(patterns: tuple[str, ...], shard: str | None) -> list[str]:
@@ -51,23 +55,23 @@ def output_for(path: str, output: str | None, output_dir: str | None, fmt: str |
     return str(Path(output_dir or folder) / f"{name}.scl.{fmt}")
 
 
-def print_summary(report: dict) -> None:
-    genes = report["input"]["genes"]
-    click.echo(f"{report['input']['path']} -> {report['output']}")
-    click.echo(f"  {report['cells']:,} cells from {report['input']['matrix']} ({report['input']['input_kind']}: {report['input']['input_kind_evidence']}); "
+def print_summary(report) -> None:
+    """A RunReport for people: what was read, how fast, what is novel or unassigned, and the label counts."""
+    source, genes = report.input, report.input["genes"]
+    click.echo(f"{source['path']} -> {report.output}")
+    click.echo(f"  {report.cells:,} cells from {source['matrix']} ({source['input_kind']}: {source['input_kind_evidence']}); "
                f"genes matched {genes['matched']:,} of {genes['model_genes']:,}, missing {genes['model_genes_missing']:,}, input genes unused {genes['input_genes_unused']:,}")
-    click.echo(f"  {report['seconds']:.2f} s, {report['cells_per_second']:,.0f} cells/s on {report['model']['provider']}")
-    novelty = report["novelty"]
+    click.echo(f"  {report.seconds:.2f} s, {report.cells_per_second:,.0f} cells/s on {report.model['provider']}")
+    novelty = report.novelty
     if novelty["novel_cells"] is not None:
-        share = 100 * novelty["novel_cells"] / max(report["cells"], 1)
+        share = 100 * novelty["novel_cells"] / max(report.cells, 1)
         hint = "labelled unassigned" if novelty["unassigned_if_novel"] else "--max-novelty auto labels them unassigned"
         click.echo(f"  novel: {novelty['novel_cells']:,} cells ({share:.1f}%), {novelty['rule']}; far more means types or data the model "
                    f"does not know: {hint}")
-    unassigned = report.get("unassigned")
-    if unassigned:
+    if report.unassigned:
         click.echo("  unassigned: " + "; ".join(f"{e['cells']:,} {reason}" + (f" ({e['rule']})" if "rule" in e else "") + f", see --{e['setting'].replace('_', '-')}"
-                                           for reason, e in unassigned.items()))
-    sets = report.get("prediction_sets")
+                                           for reason, e in report.unassigned.items()))
+    sets = report.prediction_sets
     if sets:
         click.echo(f"  prediction sets at alpha {sets['alpha']:g}: mean size {sets['mean_set_size']:.2f}, single {100 * sets['single']:.1f}%, "
                    f"empty (unassigned) {100 * sets['empty']:.1f}%, every type {100 * sets['every_class']:.1f}%: {sets['promise']}")
@@ -77,14 +81,14 @@ def print_summary(report: dict) -> None:
         elif sets["degenerate"]:
             click.secho("  warning: most sets hold (nearly) every type: they cover trivially and say little; the model cannot tell these "
                         "cells' types apart at this alpha (try a larger --alpha).", fg="yellow", err=True)
-    votes = report.get("majority_voting")
+    votes = report.majority_voting
     if votes:
         click.echo(f"  majority voting over {votes['clusters']:,} clusters ({votes['clusters_from']}): "
                    f"{votes['heterogeneous_cells']:,} cells in clusters whose top label holds under {votes['min_share']:g} (heterogeneous)"
                    + (f"; {votes['unclustered_cells']:,} cells without a cluster took no part (unclustered)" if votes["unclustered_cells"] else ""))
-    width = max(len(k) for k in report["labels"]) if report["labels"] else 5
-    for label, n in report["labels"].items():
-        click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report['cells'], 1):5.1f}%")
+    width = max(len(k) for k in report.labels) if report.labels else 5
+    for label, n in report.labels.items():
+        click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report.cells, 1):5.1f}%")
 
 
 @click.command(
@@ -143,12 +147,11 @@ auto labels them unassigned.
 def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, alpha, majority_voting, over_clustering, min_share,
          device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
-    from .annotate import FileOptions, annotate_file, check_folder_writable, check_output_path
-    from .annotator import AnnotateOptions, Annotator, warn_if_min_share_unused
+    from .file_driver import annotate_file, check_folder_writable, check_output_path
+    from .annotator import AnnotateOptions, Annotator
 
     paths = expand_inputs(inputs, shard)
-    if not 0 < csc_memory_limit < float("inf"):  # nan fails too
-        raise SclError(f"--csc-memory-limit {csc_memory_limit}: give a positive number of GiB.")
+    check_setting("csc_memory_limit", csc_memory_limit, POSITIVE_GIB, DEFAULT_CSC_LIMIT_BYTES / 1024**3)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
     outputs = [output_for(path, output, output_dir, fmt, len(paths) > 1) for path in paths]
@@ -159,21 +162,18 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     reads = [Place(path, f"the input {path}") for path in paths] + [Place(model, "the model", "model")]
     writes = [Place(out, f"the output of {path}", "output_dir" if output_dir else "output") for path, out in zip(paths, outputs)]
     refuse_clashes(reads, writes + ([Place(report, "the report", "report")] if report else []))
+    options = AnnotateOptions(min_confidence, max_novelty, not quiet, min_cell_genes, alpha, majority_voting, over_clustering, min_share)
     annotator = Annotator(model, device, threads)
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), batch_size=batch_size)
-    options = AnnotateOptions(min_confidence=min_confidence, max_novelty=max_novelty, progress=not quiet, min_cell_genes=min_cell_genes, alpha=alpha)
     annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file
-    file_options = FileOptions(probabilities, majority_voting, over_clustering, min_share)
-    warn_if_min_share_unused(min_share, majority_voting or over_clustering is not None)
     reports = []
     for path, out in zip(paths, outputs):
-        result = annotate_file(path, out, annotator, read, options, file_options)
-        reports.append(result)
+        reports.append(annotate_file(path, out, annotator, read, options, probabilities))
         if not quiet:
-            print_summary(result)
+            print_summary(reports[-1])
     if report:
         from .atomic import atomic_path
 
         with atomic_path(report) as tmp:
-            Path(tmp).write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1) + "\n")
+            Path(tmp).write_text(json.dumps(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports], indent=1) + "\n")

@@ -1,45 +1,31 @@
-"""The annotation core: cells in, calls out. scl-annotate, scl-serve and `import scl` all run through here.
+"""An scl model ready to annotate: `Annotator` (the model, its options checked against it, reading any input) and
+`scl.annotate` (AnnData in place or on a copy, scanpy-style).
 
-A block of cells (any matrix type, with its gene names) is checked (negative, NaN and inf refused; its values
-against the input kind judged on the first block), aligned to the model's genes, normalised on its nonzeros, run
-through the model and turned into the COLUMNS of calls.py. Blocks run in parallel one-thread onnxruntime runs (it
-releases the GIL): on 2 cores this measured 1.3-1.4x one reader thread feeding one two-thread run, since a two-thread
-matmul stalls whenever the reader takes one of its cores, while independent runs just share them.
+`Annotator.annotate` is the in-memory driver over pipeline.py, as file_driver.py is the files' and serve.py the server's.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
-import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import voting
-from .bounds import NOT_NEGATIVE_WHOLE, PROBABILITY, Bounds, check_bounds
-from .calls import NOVELTY_ALPHA, REASON_CATEGORIES, REASONS, CallRules, Calls, call_cells, default_min_cell_genes, label_names, present
-from .conformal import set_size_summary
+from .bounds import AT_LEAST_ONE, ERROR_RATE, NOT_NEGATIVE_WHOLE, PROBABILITY, SHARE_OF_CELLS, Bounds, check_bounds, check_setting
+from .calls import NOVELTY_ALPHA, CallRules, columns_for, default_min_cell_genes
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
-from .in_memory import is_anndata, memory_matrix
-from .result import AnnotationResult, BlockCollector, check_key_added
+from .h5ad import wanted_matrix
+from .in_memory import MemoryMatrix, is_anndata, memory_matrix
+from .pipeline import Pipeline
+from .result import AnnotationResult, ResultSink, check_key_added
 from .session import AnnotationSession, Prediction
 
 log = logging.getLogger("scl")
-
-
-def percent(share: float, alpha: float) -> str:
-    """A share as a percentage with the digits alpha needs: 99.9% at alpha 0.001, not a rounded 100%."""
-    digits = max(0, math.ceil(-math.log10(min(alpha, 1 - alpha))) - 2)
-    return f"{share:.{digits}%}"
 
 
 def available_cores() -> int:
@@ -48,45 +34,28 @@ def available_cores() -> int:
 
 @dataclass
 class AnnotateOptions:
-    """How cells are called, whatever they come from."""
+    """How cells are called, whatever they come from: built once per run and passed down (the report echoes them)."""
 
     min_confidence: float = 0.0  # cells below are 'unassigned'
     max_novelty: str | float | None = None  # "auto": the model's per-class limits; a number: one limit for all; None: count only
     progress: bool = True
     min_cell_genes: int | None = None  # cells expressing fewer of the model's genes are 'unassigned'; None: calls.default_min_cell_genes
     alpha: float | None = None  # prediction sets holding the true type for >= 1 - alpha of cells like the calibration cells; novel: p <= alpha
+    majority_voting: bool = False  # votes over an automatic over-clustering (or over_clustering's clusters)
+    over_clustering: object = None  # clusters to vote in: an obs column name, or one cluster id per cell
+    min_share: float = voting.MIN_SHARE  # clusters whose top label holds less are 'heterogeneous'
 
-    BOUNDS: ClassVar[dict[str, Bounds]] = {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE}
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE, "alpha": ERROR_RATE,
+                                           "min_share": SHARE_OF_CELLS}
 
     def __post_init__(self):
         check_bounds(self, self.BOUNDS)
+        if self.min_share != voting.MIN_SHARE and not self.voting_wanted:
+            log.warning(f"min_share {self.min_share:g} is ignored: it applies to majority voting, which was not asked for (majority_voting, over_clustering).")
 
-
-@dataclass
-class AnnotatedBlock:
-    cell_ids: np.ndarray
-    calls: Calls
-    embedding: np.ndarray
-    probabilities: np.ndarray
-
-
-@dataclass
-class RunTally:
-    """What the report says about a run, counted block by block."""
-
-    labels: Counter = field(default_factory=Counter)
-    cells: int = 0
-    novel: int = 0
-    set_sizes: Counter = field(default_factory=Counter)
-    reasons: Counter = field(default_factory=Counter)  # unassigned cells per reason (calls.REASONS)
-
-    def add(self, block: AnnotatedBlock, classes: list[str]) -> None:
-        self.labels.update(label_names(classes, block.calls["label"]))
-        self.cells += len(block.cell_ids)
-        self.novel += int(block.calls["novel"].sum()) if "novel" in block.calls else 0
-        if "set_size" in block.calls:
-            self.set_sizes.update(block.calls["set_size"].tolist())
-        self.reasons.update(REASON_CATEGORIES[code] for code in block.calls["unassigned_reason"][block.calls["label"] < 0])
+    @property
+    def voting_wanted(self) -> bool:
+        return self.majority_voting or self.over_clustering is not None
 
 
 class Annotator:
@@ -119,10 +88,9 @@ class Annotator:
         self.session = AnnotationSession(str(model), device, threads=session_threads)  # parallel one-thread runs: see the module docstring
         for note in self.session.notes:
             log.warning(note)
+        check_setting("threads", threads, AT_LEAST_ONE, None)
         cuda = self.session.provider == "CUDAExecutionProvider"
         self.workers = 2 if cuda else threads or available_cores()  # on CUDA: prepare one block while the GPU runs another
-        if self.workers < 1:
-            raise SclError(f"threads {threads}: give 1 or more.", "threads")
 
     @property
     def classes(self) -> list[str]:
@@ -142,9 +110,7 @@ class Annotator:
     def columns(self, options: AnnotateOptions | None = None) -> list:
         """The per-cell output columns (calls.COLUMNS) this model gives with these options: 'novelty_p' for calibrated
         models, 'novel' with a calibration or novelty limits, 'prediction_set' and 'set_size' with an alpha."""
-        n = len(self.session.classes)
-        probe = Prediction(np.full((1, n), 1 / n, np.float32), self.session.centroids[:1])
-        return present(call_cells(probe, self.session.centroids, self.rules(options or AnnotateOptions()), self.classes))
+        return columns_for(self.rules(options or AnnotateOptions()))
 
     def rules(self, options: AnnotateOptions, genes_shown: int | None = None) -> CallRules:
         """The options checked against this model, as call_cells takes them. `genes_shown`: how many of the model's
@@ -152,8 +118,6 @@ class Annotator:
         the genes a cell expresses, so it cannot say)."""
         session, alpha = self.session, options.alpha
         if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
-                raise SclError(f"alpha {alpha!r}: give the error rate you accept, between 0 and 1 (such as 0.05 or 0.1).", "alpha")
             alpha = float(alpha)  # a Fraction or numpy float, as one float for the arithmetic and the report
             if session.calibration is None:
                 card = session.meta.get("model_card", {})
@@ -187,7 +151,7 @@ class Annotator:
     def open(self, data, genes=None, cell_ids=None, read: ReadOptions | None = None, layer=None, use_raw=None) -> ExpressionSource:
         """Cells from a file path or any in-memory object, aligned to the model's genes."""
         read = read or ReadOptions()
-        if isinstance(data, (str, os.PathLike)):
+        if isinstance(data, (str, os.PathLike, MemoryMatrix)):  # a MemoryMatrix: cells the caller named (the server's requests)
             return ExpressionSource(data, self.session.gene_order, read)
         if is_anndata(data) and data.isbacked:  # read from its file, block by block, like scl-annotate
             return self._open_backed(data, read, layer, use_raw)
@@ -195,7 +159,7 @@ class Annotator:
 
     def _open_backed(self, adata, read: ReadOptions, layer, use_raw) -> ExpressionSource:
         """A backed AnnData (or a view of one: its cells, in its order) read from its file."""
-        matrix = f"layers/{layer}" if layer else "raw/X" if use_raw else "X" if use_raw is False else "auto"
+        matrix = wanted_matrix(layer, use_raw)
         cells = np.asarray(adata.obs_names, dtype=str) if adata.is_view else None
         source = ExpressionSource(str(adata.filename), self.session.gene_order, replace(read, matrix=matrix, cell_names=cells))
         if adata.is_view and source.matrix_name != "raw/X" and len(source.gene_symbols) != adata.n_vars:
@@ -204,15 +168,8 @@ class Annotator:
                            "reads whole cells from the file: annotate a view of cells only (adata[cells]), or load it with .to_memory().")
         return source
 
-    def prepare(self, source: ExpressionSource, raw, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
-        """A raw block checked, aligned and normalised (log1p CP10k on its nonzeros): the model's input rows."""
-        return source.dense(raw, normalise=True, buffer=buffer, cell_ids=cell_ids)
-
     def predict(self, rows: np.ndarray) -> Prediction:
-        return self.session.predict(rows, is_lognorm=True)  # normalised by prepare(), not densely in the graph
-
-    def call(self, pred: Prediction, rules: CallRules, genes_detected: np.ndarray | None = None) -> Calls:
-        return call_cells(pred, self.session.centroids, rules, self.classes, genes_detected)
+        return self.session.predict(rows, is_lognorm=True)  # normalised on their nonzeros by the pipeline, not densely in the graph
 
     def stream(self, source: ExpressionSource, options: AnnotateOptions | None = None):
         """AnnotatedBlock per block of `source`, in order, with at most threads + 1 blocks in memory.
@@ -223,81 +180,7 @@ class Annotator:
         >>> for block in annotator.stream(source):
         ...     print(block.cell_ids[0], block.calls["label"][0])
         """
-        rules = self.rules(options or AnnotateOptions(), source.alignment.matched)  # a bad value fails before any block
-        local = threading.local()  # one dense buffer per worker, reused: fresh 30 MB arrays would page-fault each time
-
-        def annotate_block(ids, raw):
-            if not hasattr(local, "buffer"):
-                local.buffer = source.block_buffer()
-            pred = self.predict(self.prepare(source, raw, local.buffer, ids))
-            return AnnotatedBlock(ids, self.call(pred, rules, source.genes_detected(raw)), pred.embedding, pred.probabilities)
-
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pending = deque()
-            for ids, raw in source.raw_blocks():
-                pending.append(pool.submit(annotate_block, ids, raw))
-                if len(pending) > self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-
-    def report(self, source: ExpressionSource, options: AnnotateOptions, tally: RunTally, seconds: float, **extra) -> dict:
-        """The run's summary, as scl-annotate's --report and uns['scl'] hold it."""
-        model = self.session.describe() | {"notes": self.session.notes, "parallel_blocks": self.workers}
-        model.pop("classes")
-        rules = self.rules(options, source.alignment.matched)
-        extra |= {"novelty": self._novelty_report(options, rules, tally), "unassigned": self._unassigned_report(rules, tally, source)}
-        if rules.set_alpha is not None:
-            sizes = np.repeat(np.fromiter(tally.set_sizes, int), np.fromiter(tally.set_sizes.values(), int))
-            extra["prediction_sets"] = {"alpha": rules.set_alpha, **set_size_summary(sizes, len(self.classes)),
-                                        "promise": self.set_promise(rules.set_alpha),
-                                        "smallest_alpha": round(1 / (self.session.calibration.cells + 1), 6)}
-        return {"input": source.describe(), **extra, "model": model, "cells": tally.cells, "labels": dict(tally.labels.most_common()),
-                "min_confidence": options.min_confidence,
-                "min_cell_genes": rules.min_cell_genes, "seconds": round(seconds, 3),
-                "cells_per_second": round(tally.cells / seconds, 1) if seconds > 0 else None}
-
-    @staticmethod
-    def _unassigned_report(rules: CallRules, tally: RunTally, source: ExpressionSource) -> dict:
-        """How many cells are unassigned for each reason, and the setting that changes it."""
-        report = {reason: {"cells": tally.reasons[reason], "setting": setting} for reason, setting in REASONS.items() if tally.reasons[reason]}
-        if "few_genes" in report:
-            report["few_genes"]["rule"] = (f"fewer than {rules.min_cell_genes:,} of the {source.alignment.matched:,} model genes this input holds "
-                                           "are expressed")
-        return report
-
-    def _novelty_report(self, options: AnnotateOptions, rules: CallRules, tally: RunTally) -> dict:
-        if rules.novelty_limits is None and rules.calibration is None:
-            return {"rule": None, "novel_cells": None, "unassigned_if_novel": False}
-        if options.max_novelty not in (None, "auto"):
-            rule = f"cosine distance to the label's centroid above {float(options.max_novelty):g}"
-        elif rules.novelty_limits is not None:
-            rule = "beyond the label's novelty limit from the model (exported before calibration)"
-        else:
-            rule = (f"novelty p <= {rules.novelty_alpha:g} among the label's calibration cells: "
-                    f"about {rules.novelty_alpha:.0%} of cells like them are flagged, by construction")
-            n, reachable = rules.calibration.cells, rules.calibration.smallest_novelty_p()
-            if not rules.calibration.group_is_enough(n, rules.novelty_alpha):
-                rule += (f"; but this model has only {n} calibration cells, so no p-value can reach {rules.novelty_alpha:g} and no cell is "
-                         f"flagged: use alpha {1 / (n + 1):.2g} or more, or calibrate on more cells")
-            elif rules.novelty_alpha < reachable:
-                rule += (f"; but the cells of some types are judged against too few calibration cells for p to reach {rules.novelty_alpha:g} "
-                         f"(the smallest p there is {reachable:.2g}), so they are never flagged: use alpha {reachable:.2g} or more")
-        return {"rule": rule, "alpha": rules.novelty_alpha if rules.novelty_limits is None else None,
-                "novel_cells": tally.novel, "unassigned_if_novel": rules.unassign_novel}
-
-    def set_promise(self, alpha: float) -> str:
-        calibration = self.session.calibration
-        smallest = 1 / (calibration.cells + 1)
-        if alpha < smallest:
-            return (f"the model's {calibration.cells:,} calibration cells support alpha {smallest:.2g} or more: at alpha {alpha:g} no "
-                    f"threshold exists, so every set holds every type (covering trivially); use alpha {smallest:.2g} or more, or "
-                    "calibrate on more cells")
-        text = (f"each set holds the true type for at least {percent(1 - alpha, alpha)} of cells like the model's {calibration.cells:,} "
-                "calibration cells (same kind of data); for other data it is a measurement, not a promise")
-        if calibration.optimistic:
-            text += "; this model's calibration cells were in its base model's training data, so it is optimistic"
-        return text
+        return Pipeline(self, options or AnnotateOptions(), source.alignment.matched).blocks(source)
 
     def annotate(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None,
                  gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
@@ -353,27 +236,15 @@ class Annotator:
         >>> result.embedding.shape
         (2800, 128)
         """
-        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha)
-        voting.check_min_share(min_share)
-        warn_if_min_share_unused(min_share, majority_voting or over_clustering is not None)
+        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha, majority_voting, over_clustering, min_share)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
             clusters = voting.given_clusters(over_clustering, data, source)
-            collected, tally = BlockCollector(source.n_cells), RunTally()
-            bar = tqdm(total=source.n_cells, desc="scl", unit="cells", disable=not progress, leave=False)
-            for block in self.stream(source, options):
-                collected.add({"cell_ids": block.cell_ids, "embedding": block.embedding, "probabilities": block.probabilities, **block.calls})
-                tally.add(block, self.session.classes)
-                bar.update(len(block.cell_ids))
-            bar.close()
-            result = AnnotationResult.from_arrays(collected.arrays(), self.classes, present(block.calls))
-            extra = {"output": None}
-            if majority_voting or clusters is not None:
-                result.add_votes(clusters, min_share)
-                extra["majority_voting"] = voting.summary(result.calls, over_clustering, min_share)
-            result.report = self.report(source, options, tally, time.perf_counter() - started, **extra)
-        return result
+            pipeline = Pipeline(self, options, source.alignment.matched)
+            sink = ResultSink(source.n_cells, self.classes, pipeline.columns)
+            pipeline.run(source, sink, clusters, started=started)
+        return sink.result
 
     def embed(self, data, genes=None, cell_ids=None, **kwargs) -> np.ndarray:
         """The L2-normalised embedding [cells, latent] of cells in memory (takes annotate()'s reading options).
@@ -387,11 +258,6 @@ class Annotator:
 
     def describe(self) -> dict:
         return self.session.describe() | {"notes": self.session.notes}
-
-
-def warn_if_min_share_unused(min_share: float, voting_wanted: bool) -> None:
-    if min_share != voting.MIN_SHARE and not voting_wanted:
-        log.warning(f"min_share {min_share:g} is ignored: it applies to majority voting, which was not asked for (majority_voting, over_clustering).")
 
 
 def annotate(adata, model, *, layer: str | None = None, use_raw: bool | None = None, key_added: str = "scl", copy: bool = False,

@@ -19,6 +19,7 @@ class Bounds:
     whole: bool = False
     low_open: bool = False
     high_open: bool = False
+    words: str | None = None  # what the refusal says may be given, where "a number in [0, 1]" would say less
 
     def holds(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.whole else numbers.Real) or not math.isfinite(value):
@@ -28,6 +29,8 @@ class Bounds:
         return above and below
 
     def describe(self) -> str:
+        if self.words:
+            return self.words
         if self.whole:
             return f"a whole number, {self.low:.0f} or more" if self.high == math.inf else f"a whole number from {self.low:.0f} to {self.high:.0f}"
         if self.high == math.inf:
@@ -42,6 +45,8 @@ AT_LEAST_ONE = Bounds(1, whole=True)
 SHARE = Bounds(0, 1, low_open=True, high_open=True)
 PROBABILITY = Bounds(0, 1)
 NOT_NEGATIVE_WHOLE = Bounds(0, whole=True)
+SHARE_OF_CELLS = Bounds(0, 1, words="a share between 0 and 1")
+ERROR_RATE = Bounds(0, 1, low_open=True, high_open=True, words="the error rate you accept, between 0 and 1 (such as 0.05 or 0.1)")
 
 
 def check_bounds(options, bounds: dict[str, Bounds]) -> None:
@@ -49,10 +54,14 @@ def check_bounds(options, bounds: dict[str, Bounds]) -> None:
     A setting whose default is None may be None."""
     defaults = {f.name: f.default for f in fields(options)}
     for name, allowed in bounds.items():
-        value = getattr(options, name)
-        if not (value is None and defaults[name] is None) and not allowed.holds(value):
-            default = "or None (the default)" if defaults[name] is None else f"such as {defaults[name]!r} (the default)"
-            raise SclError(f"{name} {value!r}: give {allowed.describe()}, {default}.", name)
+        check_setting(name, getattr(options, name), allowed, defaults[name])
+
+
+def check_setting(name: str, value, allowed: Bounds, default) -> None:
+    """One line when a setting is out of its bounds: its name, what it may be and its default (None: may be None)."""
+    if not (value is None and default is None) and not allowed.holds(value):
+        default = "or None (the default)" if default is None else f"such as {default!r} (the default)"
+        raise SclError(f"{name} {value!r}: give {allowed.describe()}, {default}.", name)
 
 
 def check_choice(options, name: str, choices: tuple[str, ...]) -> None:

@@ -134,6 +134,14 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
     return calls
 
 
+def columns_for(rules: CallRules) -> list[Column]:
+    """The COLUMNS call_cells gives under `rules`, in their order: what a run declares before its first block."""
+    calibrated = rules.calibration is not None
+    sets = calibrated and rules.set_alpha is not None
+    given = {"novelty_p": calibrated, "novel": calibrated or rules.novelty_limits is not None, "prediction_set": sets, "set_size": sets}
+    return [c for c in COLUMNS if given.get(c.name, True)]
+
+
 def present(calls: Calls, columns=COLUMNS + VOTING_COLUMNS) -> list[Column]:
     return [c for c in columns if c.name in calls]
 

@@ -115,8 +115,9 @@ class ExpressionSource:
         if first is None:
             raise SclError(f"{self.path}: the file holds no cells.")
         first = (first[0], self._checked(first[1]))
-        self._peeked = (first, stream)  # the first block is read once: to judge the input, then to annotate
+        self._peeked = (first, stream)  # the first block is read and checked once: to judge the input, then to annotate
         check_values(first[1], self.path, first[0])
+        self._values_checked = first[1]
         self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
             self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
@@ -141,15 +142,13 @@ class ExpressionSource:
         """(cell ids, the block as stored): dense rows or SparseRows (consistent, repeats summed), values not yet
         checked, not aligned."""
         seen = set() if self.cell_ids is None else None
-        if self._peeked is not None:
-            first, rest = self._peeked
-            stream, self._peeked = itertools.chain([first], rest), None
-        else:
-            stream = self._raw_blocks()
+        first, rest = self._peeked if self._peeked is not None else (None, self._raw_blocks())
+        self._peeked = None
+        stream = itertools.chain([first] if first else [], ((ids, self._checked(raw)) for ids, raw in rest))
         for ids, raw in stream:
             if seen is not None:
                 _refuse_duplicate_ids(ids, self.path, seen)
-            yield ids, self._checked(raw)
+            yield ids, raw
 
     def _checked(self, raw):
         """A sparse block's arrays checked against each other, its repeated entries summed; dense blocks as they are."""
@@ -162,7 +161,8 @@ class ExpressionSource:
         """A block from raw_blocks() checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
         `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
         ids = cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows)
-        check_values(raw, self.path, ids)
+        if raw is not self._values_checked:
+            check_values(raw, self.path, ids)
         if self.kind_checked:
             check_kind(raw, self.input_kind, ids, self.path)
         return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")

@@ -17,6 +17,7 @@ from scipy import sparse
 from .errors import SclError
 
 MATRIX_CHOICES = ("auto", "X", "layers/counts", "raw/X")
+AUTO_MATRICES = ("layers/counts", "raw/X", "X")  # what "auto" takes, the first present: raw counts first, where the data keeps them
 DEFAULT_CSC_LIMIT_BYTES = 2 * 1024**3
 SPAN_READ_FACTOR = 4  # a view's block is read as one span when the span holds under 4 rows per row wanted
 
@@ -67,6 +68,21 @@ class SparseRows:
         rows = rows.copy()  # never change a caller's arrays
         rows.sum_duplicates()
         return SparseRows.from_scipy(rows)
+
+
+def wanted_matrix(layer: str | None, use_raw: bool | None) -> str:
+    """scanpy's layer / use_raw as a --matrix value: 'layers/<layer>', 'raw/X', 'X' (use_raw=False) or 'auto'."""
+    if layer is not None and use_raw:
+        raise SclError("layer and use_raw both given; choose one.", "layer", "use_raw")
+    return f"layers/{layer}" if layer is not None else "raw/X" if use_raw else "X" if use_raw is False else "auto"
+
+
+def chosen_matrix(wanted: str, present) -> str | None:
+    """The matrix to annotate, for files and AnnData alike: `wanted` itself, or for 'auto' the first of AUTO_MATRICES;
+    None where the data lacks it. `present(name)` says whether the data holds a matrix."""
+    if wanted == "auto":
+        return next((name for name in AUTO_MATRICES if present(name)), None)
+    return wanted if present(wanted) else None
 
 
 def row_ranges(n_rows: int, size: int):
@@ -282,18 +298,16 @@ class H5adFile:
         return order[at]
 
     def _choose_matrix(self, wanted: str) -> str:
-        present = [name for name in MATRIX_CHOICES[1:] if name in self.file]
-        if wanted == "auto":
-            for name in ("layers/counts", "raw/X", "X"):  # raw counts first, where the file keeps them
-                if name in self.file:
-                    return name
+        name = chosen_matrix(wanted, lambda name: name in self.file)
+        if name is None and wanted == "auto":
             raise SclError(f"{self.path}: the file has no X, layers/counts or raw/X; nothing to annotate.")
-        if wanted not in self.file:
+        if name is None:
+            present = [name for name in MATRIX_CHOICES[1:] if name in self.file]
             layers = [f"layers/{k}" for k in self.file.get("layers", {})]
             raise SclError(
                 f"{self.path}: there is no {wanted} in the file; choose one of {', '.join(present + layers) or 'nothing'}.", "matrix"
             )
-        return wanted
+        return name
 
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import sparse
 
 from .errors import SclError
-from .h5ad import SparseRows, row_ranges
+from .h5ad import SparseRows, chosen_matrix, row_ranges, wanted_matrix
 
 
 def _type_name(obj) -> str:
@@ -71,21 +71,24 @@ class MemoryMatrix:
 
 
 def choose_anndata_matrix(adata, layer: str | None, use_raw: bool | None):
-    """(matrix, genes, var dataframe, name): the counts the way --matrix auto picks them in files.
+    """(matrix, var dataframe, name): the counts as files' --matrix auto picks them (h5ad.chosen_matrix), or the
+    layer / raw asked for."""
+    def present(name: str) -> bool:
+        if name == "raw/X":
+            return adata.raw is not None
+        return name.removeprefix("layers/") in adata.layers if name.startswith("layers/") else True
 
-    Default: layers['counts'], else raw.X, else X (raw counts first, where the object keeps them)."""
-    if layer is not None and use_raw:
-        raise SclError("layer and use_raw both given; choose one.", "layer", "use_raw")
-    if layer is not None:
-        if layer not in adata.layers:
-            raise SclError(f"adata has no layer {layer!r}; choose one of: {', '.join(adata.layers) or '(none)'}.", "layer")
-        return adata.layers[layer], adata.var, f"layers[{layer!r}]"
-    if use_raw or (use_raw is None and "counts" not in adata.layers and adata.raw is not None):
-        if adata.raw is None:
-            raise SclError("adata.raw is None; annotate X or a layer instead.", "use_raw", "layer")
+    wanted = wanted_matrix(layer, use_raw)
+    name = chosen_matrix(wanted, present)
+    if name is None and wanted == "raw/X":
+        raise SclError("adata.raw is None; annotate X or a layer instead.", "use_raw", "layer")
+    if name is None:
+        raise SclError(f"adata has no layer {layer!r}; choose one of: {', '.join(adata.layers) or '(none)'}.", "layer")
+    if name == "raw/X":
         return adata.raw.X, adata.raw.var, "raw.X"
-    if use_raw is None and "counts" in adata.layers:
-        return adata.layers["counts"], adata.var, "layers['counts']"
+    if name.startswith("layers/"):
+        key = name.removeprefix("layers/")
+        return adata.layers[key], adata.var, f"layers[{key!r}]"
     return adata.X, adata.var, "X"
 
 

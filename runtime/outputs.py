@@ -1,5 +1,7 @@
 """Annotation outputs, written block by block so memory stays flat: CSV, or h5ad in anndata's encoding.
 
+Each has write(block), add_columns, close(report dict) and abort(); annotate.FileSink makes either a pipeline sink.
+
 Both write the columns declared in calls.py, as result.py names them for AnnData. An .h5ad output is a copy of an
 .h5ad input with obs columns scl_<column>, obsm['X_scl'] (the embedding), optionally obsm['scl_probabilities'], and
 uns['scl'] (the run's report as JSON). From a text input it is a new .h5ad with those and no X.
@@ -40,9 +42,10 @@ class CsvOutput:
         header = ["cell_id"] + [c.name for c in columns] + ([f"p_{c}" for c in classes] if probabilities else [])
         self.writer.writerow(header)
 
-    def write(self, ids, calls: dict, embedding: np.ndarray, probs: np.ndarray) -> None:
-        fields = [list(map(str, ids))] + [_text(c, calls[c.name], self.classes) for c in self.columns]
+    def write(self, block) -> None:
+        fields = [list(map(str, block.cell_ids))] + [_text(c, block.calls[c.name], self.classes) for c in self.columns]
         if self.probabilities:
+            probs = block.probabilities
             fields += [[f"{p:.5f}" for p in probs[:, j]] for j in range(probs.shape[1])]
         self.writer.writerows(zip(*fields))
 
@@ -141,18 +144,18 @@ class H5adOutput:
         for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
             _attrs(self.file.create_group(name), "dict", "0.1.0")
 
-    def write(self, ids, calls: dict, embedding: np.ndarray, probs: np.ndarray) -> None:
+    def write(self, block) -> None:
         if self.new_file:
-            _append(self.file["obs/_index"], np.asarray(ids, dtype=object))
+            _append(self.file["obs/_index"], np.asarray(block.cell_ids, dtype=object))
         n = len(self.classes)
         for column in self.columns:
-            values = calls[column.name]
+            values = block.calls[column.name]
             if column.kind == "label":
                 values = np.where(values < 0, n, values).astype(np.int16)  # -1 (unassigned) is the last category
             _append(self.datasets[column.name], values)
-        _append(self.embedding, embedding.astype(np.float32))
+        _append(self.embedding, block.embedding.astype(np.float32))
         if self.probabilities is not None:
-            _append(self.probabilities, probs.astype(np.float32))
+            _append(self.probabilities, block.probabilities.astype(np.float32))
 
     def add_columns(self, columns: list[Column], values: dict) -> None:
         """Columns computed over all cells (majority voting), written whole."""

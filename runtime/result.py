@@ -76,10 +76,11 @@ class AnnotationResult:
 
     def add_votes(self, clusters: np.ndarray | None, min_share: float = voting.MIN_SHARE) -> None:
         """Majority voting over `clusters` (one id per cell), or over an automatic over-clustering of the embedding."""
-        if clusters is None:
-            clusters = voting.over_cluster(self.embedding)
-        self.calls.update(voting.majority_vote(self.predicted_labels, clusters, min_share))
-        self.columns = [c for c in self.columns if c not in VOTING_COLUMNS] + list(VOTING_COLUMNS)
+        self.add_columns(list(VOTING_COLUMNS), voting.vote(self.predicted_labels, self.embedding, clusters, min_share))
+
+    def add_columns(self, columns: list[Column], values: dict) -> None:
+        self.calls.update({c.name: values[c.name] for c in columns})
+        self.columns = [c for c in self.columns if c not in columns] + list(columns)
 
     def values(self, column: Column) -> np.ndarray:
         """A column as users read it: names for labels."""
@@ -158,6 +159,33 @@ class AnnotationResult:
         counts = self.report.get("labels") or {}
         top = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:5])
         return f"AnnotationResult({len(self.cell_ids)} cells, {len(self.classes)} classes; {top})"
+
+
+class ResultSink:
+    """The in-memory driver's sink (pipeline.py): every block gathered into one AnnotationResult, `result` once closed."""
+
+    output = None
+
+    def __init__(self, n_cells: int | None, classes: list[str], columns: list[Column]):
+        self.collector = BlockCollector(n_cells)  # the pipeline's majority voting reads labels and embedding from here
+        self.classes, self.columns = classes, list(columns)
+        self.votes: tuple[list[Column], dict] | None = None
+        self.result: AnnotationResult | None = None
+
+    def write(self, block) -> None:
+        self.collector.add({"cell_ids": block.cell_ids, "embedding": block.embedding, "probabilities": block.probabilities, **block.calls})
+
+    def add_columns(self, columns: list[Column], values: dict) -> None:
+        self.votes = (columns, values)
+
+    def close(self, report) -> None:
+        self.result = AnnotationResult.from_arrays(self.collector.arrays(), self.classes, self.columns)
+        if self.votes is not None:
+            self.result.add_columns(*self.votes)
+        self.result.report = report.to_dict()
+
+    def abort(self) -> None:
+        self.collector = None
 
 
 class BlockCollector:

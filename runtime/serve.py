@@ -2,8 +2,9 @@
 
 A request becomes a block of cells (sparse for gene maps, so a request costs what it holds, not cells x every gene
 named), then goes through exactly the steps a file does: values checked, input kind judged (or taken as stated),
-genes aligned, counts normalised on their nonzeros (annotator.py). Inference runs in a worker thread on one shared
-onnxruntime session, the normalised rows of concurrent requests micro-batched into one run. Cells expressing fewer of
+genes aligned, counts normalised on their nonzeros: the pipeline (pipeline.py) runs each request in a thread of its
+own, into the RequestCells sink, and the normalised rows of concurrent requests are micro-batched into one run of
+the shared onnxruntime session. Cells expressing fewer of
 the model's genes than min_cell_genes are 'unassigned', in requests as in files (`genes_detected` says how many). A
 gene map lists only the genes detected in its cell, so the files' rule on how many of the model's genes the input's
 columns cover does not apply to requests.
@@ -14,23 +15,25 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from scipy import sparse
 
 from .annotator import AnnotateOptions, Annotator
-from .calls import json_value, present
+from .calls import json_value
 from .errors import SclError
-from .expression import ExpressionSource, ReadOptions
+from .expression import ReadOptions
 from .genes import ENSEMBL_ID
 from .in_memory import MemoryMatrix
+from .pipeline import Pipeline
 from .session import Prediction
 
 InputKind = Literal["auto", "counts", "lognorm"]
@@ -127,6 +130,8 @@ class MicroBatcher:
         self.max_cells = max_cells
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
+        # its own thread: the requests' pipelines wait on it from threads of theirs, which must not starve it of one
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scl-batch")
 
     async def predict(self, rows: np.ndarray) -> Prediction:
         if self.worker is None or self.worker.done():
@@ -135,6 +140,10 @@ class MicroBatcher:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((rows, future))
         return await future
+
+    def predict_from_thread(self, loop: asyncio.AbstractEventLoop) -> Callable[[np.ndarray], Prediction]:
+        """`predict` for a pipeline running in a worker thread: its rows join the loop's micro-batches."""
+        return lambda rows: asyncio.run_coroutine_threadsafe(self.predict(rows), loop).result()
 
     async def _work(self) -> None:
         while True:
@@ -149,7 +158,8 @@ class MicroBatcher:
 
     async def _run(self, group: list) -> None:
         try:
-            pred = await run_in_threadpool(self.annotator.predict, np.concatenate([x for x, _ in group]))
+            rows = np.concatenate([x for x, _ in group])
+            pred = await asyncio.get_running_loop().run_in_executor(self.executor, self.annotator.predict, rows)
         except Exception as err:  # hand the error to every waiting request
             for _, future in group:
                 if not future.done():
@@ -161,6 +171,38 @@ class MicroBatcher:
             if not future.done():  # a request that timed out is no longer waiting
                 future.set_result(Prediction(pred.probabilities[start:stop], pred.embedding[start:stop]))
             start = stop
+
+
+class RequestCells:
+    """The server's sink (pipeline.py): each cell as /predict answers it, with its top_k types and the genes sent."""
+
+    output, collector = None, None
+
+    def __init__(self, classes: list[str], columns, top_k: int, sent: np.ndarray, cell_ids, cancelled: threading.Event):
+        self.classes, self.columns, self.k = classes, columns, min(top_k, len(classes))
+        self.sent, self.cell_ids, self.cancelled = sent, cell_ids, cancelled
+        self.cells: list[dict] = []
+
+    def write(self, block) -> None:
+        if self.cancelled.is_set():
+            raise TimeoutError("the request timed out")  # nobody waits for the answer any more
+        probabilities, start = block.probabilities, len(self.cells)
+        order = np.argsort(-probabilities, axis=1)[:, :self.k]
+        for i in range(len(probabilities)):
+            cell = {"cell_id": self.cell_ids[start + i] if self.cell_ids else None}
+            cell |= {c.name: json_value(c, block.calls[c.name][i], self.classes) for c in self.columns}
+            cell["top"] = [{"label": self.classes[j], "probability": float(probabilities[i, j])} for j in order[i]]
+            cell["genes_sent"] = int(self.sent[start + i])
+            self.cells.append(cell)
+
+    def add_columns(self, columns, values) -> None:
+        raise NotImplementedError("requests have no majority voting")
+
+    def close(self, report) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 PATH_KEYS = ("path", "base_model", "training_data")  # in /model and its model card: local paths, shown as file names
@@ -197,58 +239,34 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
         return JSONResponse(status_code=422, content={"detail": detail})
 
     batcher = MicroBatcher(annotator)
+    requests = ThreadPoolExecutor(max_workers=32, thread_name_prefix="scl-request")  # each request's pipeline runs in one of these
     session = annotator.session
 
     def known(gene: str) -> bool:
         """A name that can reach a model gene: a symbol (exact or ignoring case) or an Ensembl ID (mapped later)."""
         return session.gene_order.find(gene)[0] is not None or bool(ENSEMBL_ID.match(gene))
 
-    def open_request(genes: list[str], x, input_kind: str, cell_ids) -> ExpressionSource:
-        """The request as a source of blocks, through the same checks and steps as a file."""
+    def answer(genes, x, sent, request: Options, cell_ids, predict, cancelled: threading.Event) -> list[dict]:
+        """The request through the pipeline, as a file goes: values checked, input kind judged, genes aligned."""
         ids = cell_ids or [str(i) for i in range(x.shape[0])]
-        read = ReadOptions(input_kind=input_kind, min_genes=1, batch_size=BLOCK)
-        return ExpressionSource(MemoryMatrix(x, genes, ids, name="request"), session.gene_order, read)
-
-    def prepare(source: ExpressionSource, block) -> tuple[np.ndarray, np.ndarray] | None:
-        """A block's model input rows and each cell's count of the model's genes it expresses; None past the last."""
-        if block is None:
-            return None
-        ids, raw = block
-        return annotator.prepare(source, raw, cell_ids=ids), source.genes_detected(raw)
-
-    def describe(pred: Prediction, detected: np.ndarray, sent: np.ndarray, request: Options, cell_ids) -> list[dict]:
-        calls = annotator.call(pred, annotator.rules(AnnotateOptions(progress=False, alpha=request.alpha)), detected)
-        columns = present(calls)
-        k = min(request.top_k, len(session.classes))
-        order = np.argsort(-pred.probabilities, axis=1)[:, :k]
-        results = []
-        for i in range(len(pred.probabilities)):
-            cell = {"cell_id": cell_ids[i] if cell_ids else None}
-            cell |= {c.name: json_value(c, calls[c.name][i], session.classes) for c in columns}
-            cell["top"] = [{"label": session.classes[j], "probability": float(pred.probabilities[i, j])} for j in order[i]]
-            cell["genes_sent"] = int(sent[i])
-            results.append(cell)
-        return results
-
-    async def annotate(genes, x, sent, request: Options, cell_ids):
-        with await run_in_threadpool(open_request, genes, x, request.input_kind, cell_ids) as source:
-            blocks, results = source.raw_blocks(), []
-            while (block := await run_in_threadpool(lambda: prepare(source, next(blocks, None)))) is not None:
-                rows, detected = block
-                pred = await batcher.predict(rows) if micro_batching else await run_in_threadpool(annotator.predict, rows)
-                start = len(results)
-                results += describe(pred, detected, sent[start:start + len(rows)], request, cell_ids[start:start + len(rows)] if cell_ids else None)
-        return results
+        pipeline = Pipeline(annotator, AnnotateOptions(progress=False, alpha=request.alpha), predict=predict)  # bad alpha: 422 first
+        read = ReadOptions(input_kind=request.input_kind, min_genes=1, batch_size=BLOCK)
+        with annotator.open(MemoryMatrix(x, genes, ids, name="request"), read=read) as source:
+            sink = RequestCells(session.classes, pipeline.columns, request.top_k, sent, cell_ids, cancelled)
+            pipeline.run(source, sink)
+        return sink.cells
 
     async def run(genes, x, sent, request: Options, cell_ids=None) -> list[dict]:
         if x.shape[0] > max_cells:
             raise HTTPException(413, f"{x.shape[0]} cells in one request; the limit is {max_cells} (scl-serve --max-cells)")
+        loop, cancelled = asyncio.get_running_loop(), threading.Event()
+        predict = batcher.predict_from_thread(loop) if micro_batching else None
         try:
-            annotator.rules(AnnotateOptions(alpha=request.alpha))  # alpha on a model without calibration: 422 before any work
-            return await asyncio.wait_for(annotate(genes, x, sent, request, cell_ids), timeout_s)
+            return await asyncio.wait_for(loop.run_in_executor(requests, answer, genes, x, sent, request, cell_ids, predict, cancelled), timeout_s)
         except SclError as err:
             raise HTTPException(422, err.message) from None  # the settings it names are the CLI's and Python's, not the request's
         except asyncio.TimeoutError:
+            cancelled.set()  # its pipeline stops at the next block
             raise HTTPException(504, f"inference took longer than {timeout_s} s; send fewer cells per request") from None
 
     @app.post("/predict", summary="Annotate one cell")

@@ -11,10 +11,10 @@ L2-normalised embedding: memory is the embedding plus the centres, and time grow
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from .bounds import SHARE_OF_CELLS, check_setting
 from .errors import SclError
 
 MIN_SHARE = 0.5  # below this share of its top label a cluster is 'heterogeneous' (CellTypist's min_prop defaults to 0)
@@ -90,8 +90,12 @@ def missing(values: np.ndarray) -> np.ndarray:
 
 
 def check_min_share(min_share) -> None:
-    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0 <= min_share <= 1:
-        raise SclError(f"min_share {min_share!r}: give a share between 0 and 1, such as {MIN_SHARE} (the default).", "min_share")
+    check_setting("min_share", min_share, SHARE_OF_CELLS, MIN_SHARE)
+
+
+def vote(labels: np.ndarray, embedding: np.ndarray | None, clusters, min_share: float = MIN_SHARE) -> dict[str, np.ndarray]:
+    """majority_vote over `clusters`, or over an automatic over-clustering of `embedding` where none are given."""
+    return majority_vote(labels, over_cluster(embedding) if clusters is None else clusters, min_share)
 
 
 def summary(votes: dict, over_clustering, min_share: float) -> dict:

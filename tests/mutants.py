@@ -61,7 +61,7 @@ MUTANTS = [
      [f"{BOUNDARY_TESTS}::test_a_lognorm_input_whose_first_cell_is_empty_is_still_lognorm"]),
     ("narrower centroids open", "runtime/model_metadata.py", "len(centroids[0]) != latent", "len(centroids[0]) > latent",
      [f"{BOUNDARY_TESTS}::test_every_metadata_check_refuses_a_model_that_trips_it"]),
-    ("raw/X before layers/counts", "runtime/h5ad.py", 'for name in ("layers/counts", "raw/X", "X"):', 'for name in ("raw/X", "layers/counts", "X"):',
+    ("raw/X before layers/counts", "runtime/h5ad.py", 'AUTO_MATRICES = ("layers/counts", "raw/X", "X")', 'AUTO_MATRICES = ("raw/X", "layers/counts", "X")',
      [f"{BOUNDARY_TESTS}::test_auto_prefers_layers_counts_over_a_lognormalised_raw"]),
     ("upper bounds exclusive", "runtime/bounds.py", "below = value < self.high if self.high_open else value <= self.high", "below = value < self.high",
      [f"{BOUNDARY_TESTS}::test_every_declared_bound_holds_exactly_at_its_limit"]),
@@ -77,6 +77,10 @@ MUTANTS = [
      "shown = len(session.gene_order)", ["tests/test_hardening.py::test_a_narrow_input_is_held_to_the_share_of_genes_it_can_show"]),
     ("a backed view read as its whole file", "runtime/annotator.py", "cells = np.asarray(adata.obs_names, dtype=str) if adata.is_view else None", "cells = None",
      ["tests/test_hardening.py::test_a_backed_view_is_annotated_as_its_cells_in_its_order"]),
+    ("a timed-out request runs on", "runtime/serve.py", "cancelled.set()  # its pipeline stops at the next block", "pass",
+     ["tests/test_serve.py::test_a_request_past_its_timeout_gets_504_and_stops_while_the_server_goes_on"]),
+    ("the first block's values never checked", "runtime/expression.py", "        check_values(first[1], self.path, first[0])\n", "",
+     ["tests/test_bad_input.py"]),
 ]
 
 

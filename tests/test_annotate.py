@@ -279,7 +279,7 @@ def test_the_disk_filling_during_the_run_stops_before_the_writer_fails(exported,
         usage = real(path)
         return usage._replace(free=usage.free if len(calls) < 3 else 1000)  # the check before the run passes, then the disk fills
 
-    monkeypatch.setattr("scl.runtime.annotate.shutil.disk_usage", shrinking)
+    monkeypatch.setattr("scl.runtime.file_driver.shutil.disk_usage", shrinking)
     result = CliRunner().invoke(main, [str(small_data / "val.h5ad"), "--model", str(exported), "--output", str(tmp_path / "o.h5ad"),
                                        "--batch-size", "16", "--threads", "1", "--quiet"])
     assert result.exit_code == 1 and "the disk is full (0.0 MB free" in result.output, result.output

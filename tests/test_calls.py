@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from scl.runtime.calls import COLUMNS, CallRules, as_values, call_cells
+from scl.runtime.calls import COLUMNS, CallRules, as_values, call_cells, columns_for, present
 from scl.runtime.conformal import Calibration, set_size_summary
 from scl.runtime.errors import GeneOverlapError
 from scl.runtime.genes import align_genes, default_min_overlap
@@ -140,3 +140,16 @@ def test_conformal_ranks_ties_and_small_classes():
     calls = call_cells(Prediction(probs, CENTROIDS[[0, 0, 1]]), CENTROIDS[:2], CallRules(calibration=calibration, set_alpha=0.1), ["a", "b"])
     assert list(calls["prediction_set"]) == ["a", "", ""] and list(calls["set_size"]) == [1, 0, 0]
     assert list(calls["label"]) == [0, -1, -1]  # an empty set is unassigned
+
+
+@pytest.mark.parametrize("limits, calibrated, set_alpha", [(None, False, None), (True, False, None), (None, True, None), (None, True, 0.1),
+                                                           (True, True, 0.1), (None, False, 0.1)])
+def test_the_declared_columns_are_the_ones_call_cells_gives(limits, calibrated, set_alpha):
+    """Outputs are laid out from columns_for(rules) before the first block; each block's calls must fill exactly those."""
+    rng = np.random.default_rng(0)
+    labels, probs, distances = classifier_outputs(200, rng, 3)
+    rules = CallRules(novelty_limits=np.full(3, 0.5, np.float32) if limits else None, set_alpha=set_alpha,
+                      calibration=Calibration.fit(probs, labels, distances, 3) if calibrated else None)
+    emb = unit(rng.normal(size=(5, 3)))
+    calls = call_cells(Prediction(probs[:5], emb), CENTROIDS, rules, ["a", "b", "c"], np.full(5, 300))
+    assert [c.name for c in columns_for(rules)] == [c.name for c in present(calls)]

@@ -254,3 +254,30 @@ def test_scl_serve_cuts_a_client_sending_a_byte_at_a_time(exported):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_request_past_its_timeout_gets_504_and_stops_while_the_server_goes_on(exported, cells_and_labels):
+    """A timed-out request is answered 504 at once; its pipeline stops at its next block instead of running on to the
+    end (it would otherwise hold a worker thread), and the next request is answered normally."""
+    adata, calls = cells_and_labels
+    annotator = Annotator(exported, session_threads=0)
+    blocks = []
+    predict = annotator.predict
+
+    def slow_predict(rows):  # each block takes 0.3 s, so a 2,048-cell request (8 blocks) would take 2.4 s
+        blocks.append(len(rows))
+        time.sleep(0.3)
+        return predict(rows)
+
+    annotator.predict = slow_predict
+    slow = TestClient(create_app(annotator, max_cells=5000, max_body_bytes=64 * 1024**2, timeout_s=0.5, micro_batching=False))
+    genes = np.asarray((adata.X[:16] > 0).sum(axis=0)).ravel().argsort()[-500:]  # the 500 genes most often detected: a small body
+    many = {"genes": list(adata.var_names[genes]), "values": adata.X[:16][:, genes].toarray().tolist() * 128}
+    started = time.perf_counter()
+    reply = slow.post("/predict_batch", json=many)
+    assert reply.status_code == 504 and "--timeout" not in reply.text and "fewer cells" in reply.json()["detail"]
+    assert time.perf_counter() - started < 2.0
+    time.sleep(1.0)
+    assert len(blocks) < 8, blocks  # the cancelled request stopped early
+    annotator.predict = predict
+    assert slow.post("/predict_batch", json=columnar(adata, 3)).json()["cells"][0]["label"] == calls["label"][0]

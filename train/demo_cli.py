@@ -51,7 +51,7 @@ def step(title: str) -> None:
 def main(out, fast, seed, overwrite):
     """Run pretrain -> fine-tune -> report -> export -> annotate on bundled real cells."""
     from scl.export.cli import main as export_main
-    from scl.runtime.annotate import annotate_file
+    from scl.runtime.file_driver import annotate_file
     from scl.runtime.annotate_cli import print_summary
     from scl.runtime.annotator import AnnotateOptions, Annotator
     from scl.runtime.expression import ReadOptions
@@ -100,7 +100,7 @@ def main(out, fast, seed, overwrite):
     ]
     for report in reports:
         print_summary(report)
-    (out / "demo_summary.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1), "methods": {k: {s: v[s] for s in ("macro_f1", "top1")} for k, v in metrics["methods"].items()}, "annotations": reports}, indent=1))
+    (out / "demo_summary.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1), "methods": {k: {s: v[s] for s in ("macro_f1", "top1")} for k, v in metrics["methods"].items()}, "annotations": [r.to_dict() for r in reports]}, indent=1))
 
     step(f"done in {time.perf_counter() - started:.0f} s; outputs in {out}/")
     for path, what in (("base_model/", "the pretrained base (SCimilarity format)"), ("run/report.md", "the training report; confusion_*.png beside it"),

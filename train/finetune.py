@@ -34,7 +34,7 @@ from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
-from .novelty import class_centroids, unit
+from .centroids import class_centroids, unit
 from .epoch_choice import EpochChoice, log_loss
 from .schedule import lr_schedule
 from .roles import CalibrationSplit, refuse_shared_cells, split_calibration, validation_summary

@@ -1,8 +1,8 @@
-"""Annotate one input file into one output file, streaming blocks of cells through the annotation core.
+"""scl-annotate's driver: one input file into one output file through the pipeline, atomically, never over an input.
 
-The file is read in the calling thread; blocks are annotated in parallel (annotator.py) and written in file
-order, so memory stays bounded whatever the file size. Majority voting needs every cell's label (and, for the
-automatic over-clustering, its embedding) before it can write its columns; those are kept, nothing else.
+The file is read in the calling thread; blocks are annotated in parallel (pipeline.py) and written in file order,
+so memory stays bounded whatever the file size. Majority voting needs every cell's label (and, for the automatic
+over-clustering, its embedding) before it can write its columns; those are kept, nothing else.
 """
 
 from __future__ import annotations
@@ -11,35 +11,19 @@ import errno
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import voting
-from .annotator import AnnotateOptions, Annotator, RunTally
+from .annotator import AnnotateOptions, Annotator
 from .atomic import atomic_path
-from .calls import VOTING_COLUMNS, label_names
 from .cli_errors import raise_if_stopped
 from .errors import SclError
 from .expression import ReadOptions
 from .h5ad import H5adFile
 from .outputs import CsvOutput, H5adOutput
+from .pipeline import Pipeline
 from .places import Place, refuse_clashes
-from .result import BlockCollector
-
-
-@dataclass
-class FileOptions:
-    """What a file run writes beyond the calls."""
-
-    probabilities: bool = False  # every class's probability
-    majority_voting: bool = False  # votes over an automatic over-clustering (or over_clustering's clusters)
-    over_clustering: str | None = None  # an obs column of the input .h5ad with clusters
-    min_share: float = voting.MIN_SHARE
-
-    def __post_init__(self):
-        voting.check_min_share(self.min_share)  # before any cell is read, not after the last
+from .run_report import RunReport
 
 
 def check_folder_writable(path: str, option: str) -> None:
@@ -96,59 +80,63 @@ def disk_full(folder: Path, needed: int) -> SclError:
                     "free some space or write the output elsewhere.", "output")
 
 
+class FileSink:
+    """A file writer (outputs.py) as the pipeline's sink: a block is written only while the run has not been stopped
+    (SIGTERM, SIGHUP) and the disk has room for the rest of the output."""
+
+    collector = None  # majority voting keeps what it needs in the pipeline
+
+    def __init__(self, writer, output: str, n_cells: int | None, per_cell: int):
+        self.writer, self.output, self.n_cells, self.per_cell = writer, output, n_cells, per_cell
+        self.folder, self.written = Path(output).parent, 0
+
+    def write(self, block) -> None:
+        raise_if_stopped()
+        n = len(block.cell_ids)
+        check_space_left(self.folder, (self.n_cells or self.written + n) - self.written, self.per_cell)
+        self.writer.write(block)
+        self.written += n
+
+    def add_columns(self, columns, values: dict) -> None:
+        self.writer.add_columns(columns, values)
+
+    def close(self, report) -> None:
+        self.writer.close(report.to_dict())
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
 def annotate_file(input_path: str, output: str, annotator: Annotator, read: ReadOptions, options: AnnotateOptions,
-                  file_options: FileOptions | None = None) -> dict:
-    file_options = file_options or FileOptions()
+                  probabilities: bool = False) -> RunReport:
+    """Annotate one file into one output (.csv or .h5ad), written to a temporary file and renamed at the end.
+
+    Examples
+    --------
+    >>> report = annotate_file("pbmc.h5ad", "pbmc.scl.h5ad", Annotator("model.onnx"), ReadOptions(), AnnotateOptions())
+    >>> report.labels
+    """
     check_output_path(input_path, output)
     started = time.perf_counter()
     with annotator.open(input_path, read=read) as source:
-        needed = space_needed(source, annotator, output, file_options.probabilities)
+        needed = space_needed(source, annotator, output, probabilities)
         if shutil.disk_usage(Path(output).parent).free < needed:
             raise disk_full(Path(output).parent, needed)
         try:
             with atomic_path(output, suffix=Path(output).suffix) as tmp:
-                return write_annotations(source, tmp, input_path, output, annotator, options, file_options, started)
+                clusters = voting.given_clusters(options.over_clustering, None, source)
+                pipeline = Pipeline(annotator, options, source.alignment.matched)
+                writer = open_writer(tmp, output, source, annotator, pipeline.columns, probabilities)
+                sink = FileSink(writer, output, source.n_cells, bytes_per_cell(annotator, output, probabilities))
+                return pipeline.run(source, sink, clusters, desc=Path(input_path).name, started=started)
         except OSError as err:  # the disk filled while writing (another writer took the space)
             if err.errno == errno.ENOSPC or "No space left" in str(err):
                 raise disk_full(Path(output).parent, needed) from None
             raise
 
 
-def write_annotations(source, tmp: str, input_path: str, output: str, annotator: Annotator, options: AnnotateOptions,
-                      file_options: FileOptions, started: float) -> dict:
-    classes, columns = annotator.classes, annotator.columns(options)
-    clusters = voting.given_clusters(file_options.over_clustering, None, source)
-    voting_wanted = file_options.majority_voting or clusters is not None
+def open_writer(tmp: str, output: str, source, annotator: Annotator, columns, probabilities: bool):
+    """The writer for the output's format, writing into `tmp`."""
     if output.endswith(".h5ad"):
-        latent = annotator.session.centroids.shape[1]
-        writer = H5adOutput(tmp, copied_input(source), classes, columns, latent, file_options.probabilities)
-    else:
-        writer = CsvOutput(tmp, classes, columns, file_options.probabilities)
-    try:
-        kept, tally = BlockCollector(source.n_cells), RunTally()
-        bar = tqdm(total=source.n_cells, desc=Path(input_path).name, unit="cells", disable=not options.progress, leave=False)
-        per_cell, folder = bytes_per_cell(annotator, output, file_options.probabilities), Path(output).parent
-        for block in annotator.stream(source, options):
-            raise_if_stopped()
-            check_space_left(folder, (source.n_cells or tally.cells + len(block.cell_ids)) - tally.cells, per_cell)
-            writer.write(block.cell_ids, block.calls, block.embedding, block.probabilities)
-            tally.add(block, classes)
-            if voting_wanted:
-                kept.add({"label": block.calls["label"]} | ({"embedding": block.embedding} if clusters is None else {}))
-            bar.update(len(block.cell_ids))
-        bar.close()
-        votes = None
-        if voting_wanted:
-            kept = kept.arrays()
-            found = clusters if clusters is not None else voting.over_cluster(kept["embedding"])
-            votes = voting.majority_vote(label_names(classes, kept["label"]), found, file_options.min_share)
-            writer.add_columns(list(VOTING_COLUMNS), votes)
-        extra = {"output": output}
-        if votes is not None:
-            extra["majority_voting"] = voting.summary(votes, file_options.over_clustering, file_options.min_share)
-        report = annotator.report(source, options, tally, time.perf_counter() - started, **extra)
-        writer.close(report)
-    except BaseException:
-        writer.abort()
-        raise
-    return report
+        return H5adOutput(tmp, copied_input(source), annotator.classes, columns, annotator.session.centroids.shape[1], probabilities)
+    return CsvOutput(tmp, annotator.classes, columns, probabilities)
