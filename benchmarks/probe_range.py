@@ -32,12 +32,13 @@ def measure(name: str, base_dir: Path, user: Path, new: Path) -> dict:
     from scl.train.config import FinetuneConfig
     from scl.train.data import embed, load_labelled
     from scl.train.evaluate import PROBE_CS, linear_probe
-    from scl.train.finetune import load_data
     from scl.train.model_dir import load_model_dir
+    from scl.train.roles import training_cells
 
     cpu = torch.device("cpu")
     model = load_model_dir(base_dir)
-    train, _, _, classes, y_train, _, _ = load_data(FinetuneConfig(base_model=str(base_dir), data=str(user), out="unused", min_genes=MIN_GENES), model)
+    cells = training_cells(FinetuneConfig(base_model=str(base_dir), data=str(user), out="unused", min_genes=MIN_GENES), model)
+    train, classes, y_train = cells.train, cells.classes, cells.y_train
     test = load_labelled(str(new), model.gene_order, "cell_type", ReadOptions(min_genes=MIN_GENES))
     z_train, z_test = embed(model.encoder, train.x, cpu), embed(model.encoder, test.x, cpu)
     rows = {}

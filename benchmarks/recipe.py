@@ -155,21 +155,23 @@ def frozen_and_full(base_dir: Path, user: Path, recipe: dict, test, smoke: bool)
     from scl.train.config import FinetuneConfig
     from scl.train.data import embed
     from scl.train.evaluate import knn_classifier, linear_probe
-    from scl.train.finetune import FullFinetuneClassifier, load_data, train_lora
+    from scl.train.finetune import FullFinetuneClassifier, train_lora
     from scl.train.model_dir import load_model_dir
+    from scl.train.roles import training_cells
 
     cpu = torch.device("cpu")
     config = FinetuneConfig(base_model=str(base_dir), data=str(user), out="unused", min_genes=MIN_GENES,
                             **(recipe | {"lr": FULL_FINETUNE_LR} | ({"epochs": 2} if smoke else {})))
     model = load_model_dir(base_dir)
-    train, val, _, classes, y_train, y_val, _ = load_data(config, model)
+    cells = training_cells(config, model)
+    train, val, classes, y_train = cells.train, cells.validation, cells.classes, cells.y_train
     z_train, z_test = embed(model.encoder, train.x, cpu), embed(model.encoder, test.x, cpu)
     probe = linear_probe(z_train, y_train, z_test, len(classes), config.seed)
     knn = knn_classifier(z_train, y_train, z_test, len(classes), config.knn_neighbors)
     names = np.array(classes)
     started = time.perf_counter()
-    full, history, best = train_lora(model, train, y_train, linear_probe(z_train, y_train, embed(model.encoder, val.x, cpu), len(classes)),
-                                     val, y_val, classes, config.loss, config, cpu, False, classifier=FullFinetuneClassifier)
+    full, history, best = train_lora(model, cells, linear_probe(z_train, y_train, embed(model.encoder, val.x, cpu), len(classes)),
+                                     config.loss, config, cpu, False, classifier=FullFinetuneClassifier)
     seconds = time.perf_counter() - started
     return {"probe": {"macro_f1": macro_f1(test.labels, names[probe.probabilities.argmax(1)]), "C": probe.fit["C"]},
             "knn": {"macro_f1": macro_f1(test.labels, names[knn.argmax(1)]), "k": config.knn_neighbors},

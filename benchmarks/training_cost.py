@@ -38,20 +38,22 @@ def measure(method: str, base_model: str, data: str, val_data: str, epochs: int)
     from scl.train.config import FinetuneConfig
     from scl.train.device import resolve_device
     from scl.train.evaluate import linear_probe
-    from scl.train.finetune import FullFinetuneClassifier, LoraClassifier, embed, load_data, train_lora
+    from scl.train.finetune import FullFinetuneClassifier, LoraClassifier, embed, train_lora
     from scl.train.model_dir import load_model_dir
+    from scl.train.roles import training_cells
 
     config = FinetuneConfig(base_model=base_model, data=data, val_data=val_data, lr=METHODS[method], epochs=epochs)
     device = resolve_device(config.device)
     base = load_model_dir(base_model)
-    train, val, _, classes, y_train, y_val, _ = load_data(config, base)
-    probe = linear_probe(embed(base.encoder.to(device), train.x, device), y_train, embed(base.encoder, val.x, device), len(classes), config.seed)
+    cells = training_cells(config, base)
+    train, val = cells.train, cells.validation
+    probe = linear_probe(embed(base.encoder.to(device), train.x, device), cells.y_train, embed(base.encoder, val.x, device), len(cells.classes), config.seed)
     before = status_mb("VmRSS")
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     classifier = LoraClassifier if method == "lora" else FullFinetuneClassifier
-    model, history, _ = train_lora(base, train, y_train, probe, val, y_val, classes, config.loss, config, device, False, classifier=classifier)
+    model, history, _ = train_lora(base, cells, probe, config.loss, config, device, False, classifier=classifier)
     counts = model.parameter_counts()
     result = {"method": method, "lr": config.lr, "epochs": epochs, "device": str(device), "cells": len(train),
               "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],

@@ -19,7 +19,6 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
@@ -29,7 +28,7 @@ from scl.runtime.expression import ReadOptions
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled, log, refuse_tiny_classes
+from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -37,7 +36,7 @@ from .model_dir import SCimilarityModel, load_model_dir
 from .centroids import class_centroids, unit
 from .epoch_choice import EpochChoice, log_loss
 from .schedule import lr_schedule
-from .roles import CalibrationSplit, refuse_shared_cells, split_calibration, validation_summary
+from .roles import TrainingCells, training_cells
 from .run_dir import prepare_run_dir, refuse_finished_run, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
@@ -59,21 +58,9 @@ def embedding_metrics(z: np.ndarray, y: np.ndarray, cells: LabelledCells, decode
             "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y), margin).item()}
 
 
-def split(held: CalibrationSplit, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
-    """Training and validation cells: --val-data, else the base's held-out cells calibration left, else a split."""
-    cells = held.rest
-    if held.validation is not None:
-        return cells, held.validation
-    if config.val_data:
-        return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
-    train_idx, val_idx = train_test_split(
-        np.arange(len(cells)), test_size=config.val_fraction, stratify=cells.labels, random_state=config.seed
-    )
-    return cells.subset(np.sort(train_idx)), cells.subset(np.sort(val_idx))
-
-
-class LoraClassifier:
-    """A peft-wrapped copy of the base encoder plus a linear head on the embedding."""
+class EncoderClassifier:
+    """A trainable copy of the base encoder plus a linear head on the embedding; subclasses say what of the encoder
+    trains (`trainable_encoder`)."""
 
     def __init__(self, base: SCimilarityModel, probe: LinearProbe, config: FinetuneConfig, device):
         self.encoder = self.trainable_encoder(base, config).to(device)
@@ -85,12 +72,11 @@ class LoraClassifier:
 
     @staticmethod
     def trainable_encoder(base: SCimilarityModel, config: FinetuneConfig) -> torch.nn.Module:
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
-        return get_peft_model(copy.deepcopy(base.encoder), lora)
+        raise NotImplementedError
 
     def train_mode(self) -> None:
-        """Only the adapters train: the base's BatchNorm statistics are frozen weights, and its dropout
-        stays off so the head sees the embeddings it will see in use; LoRA dropout regularises instead."""
+        """The base's BatchNorm statistics stay frozen weights, and its dropout stays off so the head sees the
+        embeddings it will see in use; LoRA dropout regularises instead."""
         self.encoder.train()
         for name, m in self.encoder.named_modules():
             if isinstance(m, torch.nn.BatchNorm1d) or (isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name):
@@ -123,7 +109,16 @@ class LoraClassifier:
         return torch.softmax(torch.from_numpy(self.logits(z, device)), dim=1).numpy()
 
 
-class FullFinetuneClassifier(LoraClassifier):
+class LoraClassifier(EncoderClassifier):
+    """Only LoRA adapters on every linear layer of the encoder train (peft); the base weights stay as they were."""
+
+    @staticmethod
+    def trainable_encoder(base: SCimilarityModel, config: FinetuneConfig) -> torch.nn.Module:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=linear_layer_names(base.encoder))
+        return get_peft_model(copy.deepcopy(base.encoder), lora)
+
+
+class FullFinetuneClassifier(EncoderClassifier):
     """Every encoder weight trains (no adapters): what LoRA is measured against in benchmarks/training_cost.py."""
 
     @staticmethod
@@ -134,8 +129,11 @@ class FullFinetuneClassifier(LoraClassifier):
         return super().parameter_counts() | {"lora": 0, "encoder": sum(p.numel() for p in self.encoder.parameters())}
 
 
-def train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind: str, config: FinetuneConfig, device, progress: bool,
-               classifier=LoraClassifier):
+def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe, loss_kind: str, config: FinetuneConfig, device,
+               progress: bool, classifier: type[EncoderClassifier] = LoraClassifier) -> tuple[EncoderClassifier, list[dict], int]:
+    """Train the classifier on `cells.train`, choosing its epoch on `cells.validation`: (model at the best epoch,
+    one history row per epoch, the best epoch)."""
+    train, y_train, val, y_val, classes = cells.train, cells.y_train, cells.validation, cells.y_val, cells.classes
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = classifier(base, probe, config, device)
@@ -200,35 +198,6 @@ def sanity_checks(model: LoraClassifier, base: SCimilarityModel, val: LabelledCe
     return merged, checks, z_merged
 
 
-def load_data(config: FinetuneConfig, base: SCimilarityModel):
-    options = ReadOptions(min_genes=config.min_genes)
-    cells = load_labelled(config.data, base.gene_order, config.label_key, options)
-    refuse_tiny_classes(cells.labels, config.data)
-    held = split_calibration(cells, config, base.gene_order, options)
-    if not len(held.calibration):
-        raise SclError(f"{config.calibration_data or config.data}: no cells left to calibrate on (too few cells of each type to hold "
-                       "any out); give --calibration-data or more cells.")
-    refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
-    train, val = split(held, config, base.gene_order, options)
-    held.validation_summary = validation_summary(config, val, held)
-    refuse_shared_cells([("training", train, config.data), ("validation", val, config.val_data or config.data),
-                         ("calibration", held.calibration, config.calibration_data or config.data)])
-    classes = sorted(np.unique(train.labels))
-    for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
-        unknown = sorted(map(str, set(cells_of.labels) - set(classes)))
-        if unknown:
-            raise SclError(f"{path}: {what} labels {unknown} never occur in the training data; drop those cells or add training cells.")
-    uncalibrated = sorted(set(classes) - set(held.calibration.labels))
-    if uncalibrated:
-        log.warning(f"warning: no calibration cells of {', '.join(map(repr, uncalibrated))}: their prediction sets and novelty use all calibration cells pooled")
-    absent = sorted(set(classes) - set(val.labels))
-    if absent:
-        log.warning(f"warning: the validation cells include no {', '.join(repr(str(c)) for c in absent)}: macro-F1 (which picks the best epoch) "
-                    f"is over the {len(classes) - len(absent)} classes they hold; add validation cells of every class to judge all of them")
-    index = {c: i for i, c in enumerate(classes)}
-    return train, val, held, classes, *(np.array([index[c] for c in part.labels], dtype=int) for part in (train, val, held.calibration))
-
-
 def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
     if config.loss not in LOSSES:
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
@@ -237,7 +206,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     refuse_finished_run(config.out)
     device = resolve_device(config.device)
     base = load_model_dir(config.base_model)
-    train, val, held, classes, y_train, y_val, y_cal = load_data(config, base)
+    cells = training_cells(config, base)
+    train, val, classes, y_train, y_val = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val
     z_train_base = embed(base.encoder.to(device), train.x, device)
     z_val_base = embed(base.encoder, val.x, device)
     probe = linear_probe(z_train_base, y_train, z_val_base, len(classes), config.seed)
@@ -253,7 +223,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
     results = {}
     for loss_kind in runs:
-        model, history, best_epoch = train_lora(base, train, y_train, probe, val, y_val, classes, loss_kind, config, device, progress)
+        model, history, best_epoch = train_lora(base, cells, probe, loss_kind, config, device, progress)
         results[loss_kind] = (model, history, best_epoch)
     model, history, best_epoch = results[config.loss]
     counts = model.parameter_counts()
@@ -263,18 +233,18 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     methods["lora"] = classification_metrics(y_val, model.probabilities(z_val, device), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     z_train = embed(merged, train.x, device)
     centroids = class_centroids(z_train, y_train, len(classes))
-    calibration, calibration_metrics = calibrate_run(model, merged, centroids, held, y_cal, classes, config, device)
+    calibration, calibration_metrics = calibrate_run(model, merged, centroids, cells, config, device)
     calibration_metrics["novel_share"] = {"validation": novelty_shares(model, calibration, centroids, z_val, device)}
 
     metrics = {
         "config": config.to_dict(),
         "device": str(device),
-        "cells": {"train": len(train), "validation": len(val), "calibration": len(held.calibration)},
+        "cells": {"train": len(train), "validation": len(val), "calibration": len(cells.calibration)},
         "classes": classes,
         "parameters": counts,
         "best_epoch": best_epoch,
         "epochs": {"max": config.epochs, "run": len(history), "best": best_epoch, "patience": config.patience},
-        "validation": held.validation_summary,
+        "validation": cells.validation_summary,
         "history": history,
         "sanity_checks": checks,
         "methods": methods,
@@ -293,23 +263,24 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     return metrics
 
 
-def calibrate_run(model: LoraClassifier, merged, centroids: np.ndarray, held: CalibrationSplit, y_cal: np.ndarray, classes: list[str],
-                  config: FinetuneConfig, device) -> tuple[Calibration, dict]:
+def calibrate_run(model: EncoderClassifier, merged, centroids: np.ndarray, cells: TrainingCells, config: FinetuneConfig,
+                  device) -> tuple[Calibration, dict]:
     """Temperature and conformal scores from the calibration cells, and what they measure (cross-fitted)."""
-    z = embed(merged, held.calibration.x, device)
+    y_cal, classes = cells.y_cal, cells.classes
+    z = embed(merged, cells.calibration.x, device)
     logits = model.logits(z, device)
     distances = cosine_distance(z, unit(centroids), logits.argmax(axis=1))
-    calibration = calibrate(logits, y_cal, distances, len(classes), optimistic=held.optimistic, source=held.source)
+    calibration = calibrate(logits, y_cal, distances, len(classes), optimistic=cells.optimistic, source=cells.calibration_source)
     accuracy = classification_metrics(y_cal, model.probabilities(z, device), classes)
     return calibration, {
-        "source": held.source, "optimistic": held.optimistic, "cells": len(y_cal), "temperature": round(calibration.temperature, 4),
+        "source": cells.calibration_source, "optimistic": cells.optimistic, "cells": len(y_cal), "temperature": round(calibration.temperature, 4),
         "cells_per_class": dict(zip(classes, np.bincount(y_cal, minlength=len(classes)).tolist())),
         "lora_on_calibration_cells": {k: accuracy[k] for k in ("top1", "macro_f1", "balanced_accuracy")},
         "cross_fitted": cross_fitted(logits, y_cal, distances, len(classes), config.seed),
     }
 
 
-def novelty_shares(model: LoraClassifier, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, device) -> dict:
+def novelty_shares(model: EncoderClassifier, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, device) -> dict:
     """Share of cells flagged novel at each reported alpha (and at the runtime's default level)."""
     probs = model.probabilities(z, device)
     distances = cosine_distance(z, unit(centroids), probs.argmax(axis=1))

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from scl.runtime.errors import SclError
 
+from scl.runtime.expression import ReadOptions
+
 from .config import FinetuneConfig
-from .data import LabelledCells, file_digest, load_labelled, log, stratified_holdout
+from .data import LabelledCells, file_digest, load_labelled, log, refuse_tiny_classes, stratified_holdout
 
 
 @dataclass
@@ -29,7 +32,86 @@ class CalibrationSplit:
     source: str  # where the calibration cells came from, in words
     optimistic: bool  # the base model was pretrained on the calibration cells
     validation: LabelledCells | None = None  # cells the base held out, for validation; None: --val-data or a split of `rest`
-    validation_summary: dict | None = None  # what validation_summary() found, for metrics.json
+
+
+@dataclass
+class TrainingCells:
+    """scl-train's cells in their three roles, disjoint: training, validation (picks the epoch) and calibration (no
+    stage fits to them), with the classes (those of the training cells, sorted) and each role's labels as indices.
+
+    Examples
+    --------
+    >>> cells = training_cells(FinetuneConfig(base_model="base", data="train.h5ad"), load_model_dir("base"))
+    >>> len(cells.train), cells.classes[:2], cells.y_val[:3]
+    """
+
+    train: LabelledCells
+    validation: LabelledCells
+    calibration: LabelledCells
+    classes: list[str]
+    calibration_source: str  # where the calibration cells came from, in words
+    optimistic: bool  # the base model was pretrained on the calibration cells
+    validation_summary: dict  # where the validation cells came from and how many the base saw
+
+    def _indices(self, cells: LabelledCells) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[c] for c in cells.labels], dtype=int)
+
+    @cached_property
+    def y_train(self) -> np.ndarray:
+        return self._indices(self.train)
+
+    @cached_property
+    def y_val(self) -> np.ndarray:
+        return self._indices(self.validation)
+
+    @cached_property
+    def y_cal(self) -> np.ndarray:
+        return self._indices(self.calibration)
+
+
+def training_cells(config: FinetuneConfig, base) -> TrainingCells:
+    """The cells of --data (and --val-data, --calibration-data) in their roles, each refusal in one line."""
+    options = ReadOptions(min_genes=config.min_genes)
+    cells = load_labelled(config.data, base.gene_order, config.label_key, options)
+    refuse_tiny_classes(cells.labels, config.data)
+    held = split_calibration(cells, config, base.gene_order, options)
+    if not len(held.calibration):
+        raise SclError(f"{config.calibration_data or config.data}: no cells left to calibrate on (too few cells of each type to hold "
+                       "any out); give --calibration-data or more cells.")
+    refuse_tiny_classes(held.rest.labels, f"{config.data} without its calibration cells")
+    train, val = split_validation(held, config, base.gene_order, options)
+    summary = validation_summary(config, val, held)
+    refuse_shared_cells([("training", train, config.data), ("validation", val, config.val_data or config.data),
+                         ("calibration", held.calibration, config.calibration_data or config.data)])
+    classes = sorted(np.unique(train.labels))
+    for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
+        unknown = sorted(map(str, set(cells_of.labels) - set(classes)))
+        if unknown:
+            raise SclError(f"{path}: {what} labels {unknown} never occur in the training data; drop those cells or add training cells.")
+    uncalibrated = sorted(set(classes) - set(held.calibration.labels))
+    if uncalibrated:
+        log.warning(f"warning: no calibration cells of {', '.join(map(repr, uncalibrated))}: their prediction sets and novelty use all calibration cells pooled")
+    absent = sorted(set(classes) - set(val.labels))
+    if absent:
+        log.warning(f"warning: the validation cells include no {', '.join(repr(str(c)) for c in absent)}: macro-F1 (which picks the best epoch) "
+                    f"is over the {len(classes) - len(absent)} classes they hold; add validation cells of every class to judge all of them")
+    return TrainingCells(train, val, held.calibration, classes, held.source, held.optimistic, summary)
+
+
+def split_validation(held: CalibrationSplit, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
+    """Training and validation cells: --val-data, else the base's held-out cells calibration left, else a split."""
+    from sklearn.model_selection import train_test_split
+
+    cells = held.rest
+    if held.validation is not None:
+        return cells, held.validation
+    if config.val_data:
+        return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(cells)), test_size=config.val_fraction, stratify=cells.labels, random_state=config.seed
+    )
+    return cells.subset(np.sort(train_idx)), cells.subset(np.sort(val_idx))
 
 
 def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarray | None:
