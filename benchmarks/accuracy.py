@@ -32,7 +32,7 @@ def split_pbmc(pbmc: str, out: Path, seed: int = 0, cells: int | None = None) ->
 
 def train_and_export(train: str, val: str, brain: str, gene_order: str, out: Path, smoke: bool) -> tuple[Path, dict]:
     """The issue-3 recipe; returns the run dir and {variant: onnx path}."""
-    from scl.export.cli import main as export_main
+    from scl.export.export_run import export_run
     from scl.train.config import FinetuneConfig, PretrainConfig
     from scl.train.finetune import finetune
     from scl.train.pretrain import pretrain
@@ -40,7 +40,7 @@ def train_and_export(train: str, val: str, brain: str, gene_order: str, out: Pat
     size = dict(hidden_dim=[64, 64], latent_dim=16, epochs=1) if smoke else dict(epochs=15)
     pretrain(PretrainConfig(data=[train, brain], out=str(out / "base"), gene_order=gene_order, triplet_weight=0.5, **size), progress=False)
     finetune(FinetuneConfig(base_model=str(out / "base"), data=train, val_data=val, out=str(out / "run"), lr=1e-3, epochs=1 if smoke else 5), progress=False)
-    export_main.main([str(out / "run"), "--out", str(out / "model.onnx"), "--quantize", "int8", "--fp16"], standalone_mode=False)
+    export_run(out / "run", out / "model.onnx", quantize="int8", fp16=True)
     return out / "run", {name: out / f"model{suffix}.onnx" for name, suffix in (("fp32", ""), ("int8", ".int8"), ("fp16", ".fp16"))}
 
 

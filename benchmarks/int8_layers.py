@@ -69,7 +69,7 @@ def compare(paths: dict[str, Path], counts: np.ndarray, rounds: int) -> dict:
 def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     import onnx
 
-    from scl.export.cli import sample_cells
+    from scl.export.export_run import validation_cells
     from scl.export.onnx_file import quantize_int8
     from scl.train.run_dir import load_run
 
@@ -78,7 +78,7 @@ def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     demo = tmp / f"demo{seed}"
     cli("scl-demo", "--out", demo, "--seed", seed, *(["--fast"] if fast else []))
     run = load_run(demo / "run")
-    counts, _ = sample_cells(run, None, 512)
+    counts, _ = validation_cells(run, None, 512)
     paths = {"fp32": demo / "model.onnx", "every layer": tmp / f"every{seed}.onnx", "gene layer (scl-export)": tmp / f"gene{seed}.onnx"}
     quantize_every_layer(paths["fp32"], paths["every layer"])
     onnx.save(quantize_int8(paths["fp32"]), str(paths["gene layer (scl-export)"]))

@@ -1,98 +1,13 @@
-"""scl-export: a trained run to one self-contained ONNX file (plus an int8 variant), each validated."""
+"""scl-export: a trained run to one self-contained ONNX file (plus int8 and fp16 variants), each validated; a thin
+shell over export_run.export_run."""
 
 from __future__ import annotations
 
-import datetime
-import os
-from importlib.metadata import version
 from pathlib import Path
 
 import click
-import numpy as np
 
 from scl.runtime.cli_errors import reports_input_errors
-from scl.runtime.errors import SclError
-from scl.runtime.expression import ExpressionSource
-from scl.runtime.model_metadata import FORMAT_VERSION, INPUT_COUNTS, INPUT_IS_LOGNORM
-from scl.runtime.normalize import TARGET_SUM
-from scl.runtime.places import Place, is_inside, refuse_clashes
-
-
-def metadata_values(run, run_dir: Path) -> dict:
-    m = run.metrics
-    card = {
-        "name": run_dir.name,
-        "base_model": m["config"]["base_model"],
-        "base_model_encoder_sha256": m.get("base_model_encoder_sha256"),
-        "training_data": m["config"]["data"],
-        "training_data_sha256": m["training_data_sha256"],
-        "label_key": m["config"]["label_key"],
-        "cells": m["cells"],
-        "validation_metrics": {k: {s: v[s] for s in ("top1", "macro_f1", "balanced_accuracy")} for k, v in m["methods"].items()},
-        "lora": {k: m["config"][k] for k in ("rank", "alpha", "epochs", "loss")},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "scl_version": version("scl"),
-    }
-    values = {
-        "format_version": FORMAT_VERSION,
-        "gene_order": run.model.gene_order,
-        "classes": run.classes,
-        "normalization": {"target_sum": TARGET_SUM, "log1p": True, "aligned_first": True},
-        "input": {"name": INPUT_COUNTS, "kind": "raw counts aligned to gene_order (float32 [cells, genes])",
-                  "lognorm_flag": INPUT_IS_LOGNORM, "lognorm_kind": "log1p(counts per 1e4); set the flag to 1"},
-        "model_card": card,
-        "centroids": np.round(run.centroids, 6).tolist(),
-    }
-    if run.calibration is not None:
-        values["calibration"] = run.calibration.to_metadata()
-    if run.novelty_limits is not None:
-        novelty = m.get("novelty", {})
-        values["novelty_limits"] = {"values": np.round(run.novelty_limits, 6).tolist(), "quantile": novelty.get("quantile"),
-                                    "from": "the larger quantile of each class's training and held-out cells' cosine distances to its centroid"}
-    return values
-
-
-def sample_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]:
-    from .onnx_file import random_counts
-
-    path = sample_data or run.metrics["config"].get("val_data") or run.metrics["config"]["data"]
-    if path and os.path.exists(path):
-        with ExpressionSource(path, run.model.gene_order) as src:
-            blocks, total = [], 0
-            for _, x in src.blocks(normalise=False):
-                blocks.append(x)
-                total += len(x)
-                if total >= n:
-                    break
-        if src.input_kind == "counts":
-            return np.vstack(blocks)[:n], path
-    return random_counts(n, len(run.model.gene_order)), "random Poisson counts (no count data to sample)"
-
-
-def fp32_failure(result: dict, run) -> str:
-    text = (f"the fp32 export disagrees with torch beyond 1e-4 (probabilities {result['max_abs_diff_probabilities']:.1e}, "
-            f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was written "
-            "(a file already at --out is left as it was)")
-    head_norm = float(run.head.weight.detach().norm(dim=1).max())
-    if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
-        text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
-                 "the base embedding is nearly collapsed; pretrain the base with a larger --triplet-weight (e.g. 0.5) or on more cells")
-    return text + "."
-
-
-def variant_path(out: Path, variant: str) -> Path:
-    return out if variant == "fp32" else out.with_name(f"{out.stem}.{variant}.onnx")
-
-
-def check_out_places(out: Path, run_dir: Path, sample_data: str | None) -> None:
-    """--out and the files named after it must not land in the run or on the cells read."""
-    if out.suffix != ".onnx":
-        raise SclError(f"{out}: --out must end in .onnx (the variants and validation reports are named after it).", "out")
-    if is_inside(str(out), str(run_dir)):
-        raise SclError(f"{out}: --out is inside the run folder {run_dir}, whose files scl-export reads; write the model elsewhere.", "out")
-    writes = [Place(str(variant_path(out, v)), f"the {v} model") for v in ("fp32", "int8", "fp16")]
-    writes += [Place(f"{w.path}.validation.json", f"{w.role}'s validation report") for w in list(writes)]
-    refuse_clashes([Place(sample_data, "the sample data", "sample_data")] if sample_data else [], writes)
 
 
 @click.command(
@@ -114,50 +29,9 @@ Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onn
 @reports_input_errors
 def main(run_dir, out, quantize, fp16, sample_data, n_sample):
     """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""
-    try:
-        import onnx
-        import onnxruntime  # noqa: F401  (validation runs every exported file)
-    except ImportError as err:
-        raise SclError(f"scl-export needs {err.name}: pip install 'scl[train,cpu]' (or [train,gpu]).") from None
-    from scl.runtime.atomic import atomic_path
-    from scl.train.run_dir import load_run
+    from .export_run import export_run, summary_line
 
-    from . import onnx_file
-    from .graph import annotation_model
-    from .validate import compare, write_report
-
-    out = Path(out)
-    check_out_places(out, Path(run_dir), sample_data)
-    if not out.parent.is_dir():
-        raise SclError(f"{out.parent}: no such directory for --out; create it first.")
-    if not os.access(out.parent, os.W_OK):  # before minutes of export work, not after
-        raise SclError(f"{out.parent}: the folder for --out is not writable; choose another.")
-    run = load_run(run_dir)
-    module = annotation_model(run)
-    values = metadata_values(run, Path(run_dir))
-    counts, sample = sample_cells(run, sample_data, n_sample)
-    variants = [("fp32", True, lambda: onnx_file.export_fp32(module, len(run.model.gene_order))),
-                ("int8", quantize == "int8", lambda: onnx_file.quantize_int8(out)),
-                ("fp16", fp16, lambda: onnx_file.convert_fp16(onnx.load(str(out))))]
-    results, written = [], []
-    for name, wanted, make in variants:
-        if not wanted:
-            continue
-        path = variant_path(out, name)
-        with atomic_path(path, suffix=".onnx") as tmp:  # a file that fails validation never replaces the one there
-            onnx_file.save_unchecked(make(), values, tmp)
-            result = compare(Path(tmp), name, module, counts, sample)
-            if not result["passed"]:
-                raise click.ClickException(fp32_failure(result, run))
-        write_report(path, result)
-        results.append(result)
-        written.append(path)
-    for r, path in zip(results, written):
-        if not r["validated"]:
-            click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; not validated here ({', '.join(r['providers'])}: {r['reason']})")
-            continue
-        click.echo(f"{path}: {r['variant']}, {os.path.getsize(path) / 1e6:.1f} MB; vs torch on {r['cells']} cells: "
-                   f"labels agree {100 * r['label_agreement']:.2f}%, max |d prob| {r['max_abs_diff_probabilities']:.2e}, "
-                   f"max |d embedding| {r['max_abs_diff_embedding']:.2e}")
+    for r in export_run(run_dir, out, quantize, fp16, sample_data, n_sample):
+        click.echo(summary_line(r))
         if "warning" in r:
-            click.secho(f"warning: {path.name}: {r['warning']} ({out.name}).", fg="yellow", err=True)
+            click.secho(f"warning: {Path(r['path']).name}: {r['warning']} ({Path(out).name}).", fg="yellow", err=True)

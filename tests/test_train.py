@@ -215,7 +215,7 @@ def test_confusion_matrices_say_what_they_show(run_dir, tmp_path, monkeypatch):
 TWICE = """
 import sys, torch
 from scl.train.config import PretrainConfig
-from scl.train.demo_cli import demo_file
+from scl.demo_cli import demo_file
 from scl.train.pretrain import pretrain
 weights = []
 for name in ("a", "b"):

@@ -26,7 +26,7 @@ def demo_file(name: str) -> str:
 def split_pbmc(out: Path, seed: int) -> tuple[str, str]:
     import anndata as ad
 
-    from .data import write_stratified_split
+    from scl.train.data import write_stratified_split
 
     paths = str(out / "pbmc_train.h5ad"), str(out / "pbmc_heldout.h5ad")
     return write_stratified_split(ad.read_h5ad(demo_file("pbmc_demo.h5ad")), paths, test_size=0.25, seed=seed)
@@ -50,15 +50,15 @@ def step(title: str) -> None:
 @reports_input_errors
 def main(out, fast, seed, overwrite):
     """Run pretrain -> fine-tune -> report -> export -> annotate on bundled real cells."""
-    from scl.export.cli import main as export_main
+    from scl.export.export_run import export_run, summary_line
     from scl.runtime.file_driver import annotate_file
     from scl.runtime.annotate_cli import print_summary
     from scl.runtime.annotator import AnnotateOptions, Annotator
     from scl.runtime.expression import ReadOptions
 
-    from .config import FinetuneConfig, PretrainConfig
-    from .finetune import finetune
-    from .pretrain import pretrain
+    from scl.train.config import FinetuneConfig, PretrainConfig
+    from scl.train.finetune import finetune
+    from scl.train.pretrain import pretrain
 
     started = time.perf_counter()
     out = Path(out)
@@ -90,7 +90,10 @@ def main(out, fast, seed, overwrite):
         click.echo(f"  {name:<12} macro-F1 {m['macro_f1']:.3f}  top-1 {m['top1']:.3f}")
 
     step("4/5 export fp32 and int8 ONNX")
-    export_main.main([str(out / "run"), "--out", str(out / "model.onnx"), "--quantize", "int8"], standalone_mode=False)
+    for result in export_run(out / "run", out / "model.onnx", quantize="int8"):
+        click.echo(f"  {summary_line(result)}")
+        if "warning" in result:
+            click.secho(f"  warning: {result['warning']}", fg="yellow")
 
     step("5/5 annotate held-out PBMCs (prediction sets at alpha 0.05) and the unlabelled CSV with onnxruntime (fp32)")
     annotator = Annotator(out / "model.onnx")
