@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo benchmark
+.PHONY: setup test test-fast demo benchmark docs
 
 # torch is pinned and installed first: the CPU build (a local wheel on these machines); left to
 # peft's resolver, pip would download a CUDA build of several GB.
@@ -11,7 +11,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,train,serve,voting,zarr,dev,bench]"
+	$(BIN)/pip install -q -e ".[cpu,train,serve,voting,zarr,dev,bench,docs]"
 
 test:
 	$(BIN)/python -m pytest -q
@@ -25,3 +25,7 @@ demo:
 
 benchmark:
 	$(BIN)/python benchmarks/run.py
+
+# the reference pages in docs/ and the API reference from the docstrings; any warning fails the build
+docs:
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html

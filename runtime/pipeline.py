@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
-from .calls import REASON_CATEGORIES, REASONS, VOTING_COLUMNS, CallRules, Calls, call_cells, columns_for, label_names
+from .calls import REASON_CATEGORIES, VOTING_COLUMNS, CallRules, Calls, call_cells, columns_for, label_names
 from .expression import ExpressionSource
 from .run_report import RunReport, novelty_report, prediction_set_report, unassigned_report
 from .result import BlockCollector

@@ -1,4 +1,5 @@
-"""What `Annotator.annotate` returns: the calls, embedding and probabilities of every cell, and the run's report."""
+"""What `Annotator.annotate` returns: the calls, embedding and probabilities of every cell, and the run's report;
+ResultSink, the pipeline's sink that gathers them, and BlockCollector, which fills each array in place."""
 
 from __future__ import annotations
 

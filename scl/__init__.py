@@ -5,7 +5,7 @@
     result = scl.Annotator("model.onnx").annotate(X, genes=genes)   # numpy, scipy sparse, pandas
 
 Nothing here imports torch; onnxruntime is loaded when a model is opened. The command-line tools (scl-annotate,
-scl-serve) run on the same annotation core (scl.runtime.annotator).
+scl-serve) run on the same pipeline (scl.runtime.pipeline). The API reference: docs/api.md (`make docs`).
 """
 
 from importlib.metadata import PackageNotFoundError, version
