@@ -132,3 +132,12 @@ def metadata_props(data: bytes) -> dict[str, str]:
     except (IndexError, UnicodeDecodeError) as err:
         raise ValueError(f"not a protobuf message ({err})") from None
     return props
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

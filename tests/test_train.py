@@ -244,12 +244,13 @@ def test_pretrain_holds_out_cells_and_scl_train_calibrates_on_exactly_those(base
     import shutil
 
     from scl.runtime.expression import ReadOptions
-    from scl.train.data import file_digest, load_labelled
+    from scl.runtime.integrity import file_sha256
+    from scl.train.data import load_labelled
     from scl.train.roles import split_calibration
 
     held = json.loads((base_dir / "pretrain.json").read_text())["held_out"]
     train_file = next(f for f in held["files"] if f["path"].endswith("train.h5ad"))
-    assert held["share"] == 0.2 and train_file["sha256"] == file_digest(str(small_data / "train.h5ad"))
+    assert held["share"] == 0.2 and train_file["sha256"] == file_sha256(str(small_data / "train.h5ad"))
     assert len(train_file["held_out_rows"]) == 42 and train_file["cells"] == 210  # 6 of each population's 30
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["cells"] == {"train": 168, "validation": 70, "calibration": 42}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -61,14 +60,6 @@ def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None
                 start += len(block_ids)
             reading.append(src.describe())
     return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading, np.concatenate(rows))
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gene_union(paths, options: ReadOptions | None = None) -> list[str]:

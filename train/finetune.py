@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
 from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
+from scl.runtime.integrity import file_sha256
 from scl.runtime.expression import ReadOptions
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, file_digest, load_labelled
+from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -250,8 +251,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "methods": methods,
         "calibration": calibration_metrics,
         "genes": {k: v for k, v in train.reading[0]["genes"].items() if not k.startswith("examples")},
-        "training_data_sha256": file_digest(config.data),
-        "base_model_encoder_sha256": file_digest(str(Path(config.base_model) / "encoder.ckpt")),
+        "training_data_sha256": file_sha256(config.data),
+        "base_model_encoder_sha256": file_sha256(str(Path(config.base_model) / "encoder.ckpt")),
     }
     if ablation:
         metrics["ablation"] = ablation_rows(results, y_val, val, classes, config.margin, device)

@@ -10,9 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scl.runtime.expression import ReadOptions
+from scl.runtime.integrity import file_sha256
 
 from .config import PretrainConfig
-from .data import LabelledCells, batches, dense, embed, file_digest, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
+from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
@@ -50,7 +51,7 @@ def hold_out(config: PretrainConfig, genes: list[str], options: ReadOptions) -> 
         cells = load_labelled(path, genes, config.label_key, options)
         held = stratified_holdout(cells.labels, config.holdout, config.seed)
         parts.append(cells.subset(~held))
-        files.append({"path": path, "sha256": file_digest(path), "cells": len(cells), "held_out_rows": cells.rows[held].tolist()})
+        files.append({"path": path, "sha256": file_sha256(path), "cells": len(cells), "held_out_rows": cells.rows[held].tolist()})
     return LabelledCells.concat(parts), {"share": config.holdout, "seed": config.seed, "files": files}
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from scl.runtime.errors import SclError
+from scl.runtime.integrity import file_sha256
 
 from scl.runtime.expression import ReadOptions
 
 from .config import FinetuneConfig
-from .data import LabelledCells, file_digest, load_labelled, log, refuse_tiny_classes, stratified_holdout
+from .data import LabelledCells, load_labelled, log, refuse_tiny_classes, stratified_holdout
 
 
 @dataclass
@@ -124,7 +125,7 @@ def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarr
     if "held_out" not in summary:  # built before scl recorded its hold-out: it trained on every cell of its files
         same_name = any(Path(p).name == Path(path).name for p in summary.get("config", {}).get("data", []))
         return np.zeros(len(cells), dtype=bool) if same_name else None
-    digest = file_digest(path)
+    digest = file_sha256(path)
     for entry in summary["held_out"]["files"]:
         if entry["sha256"] == digest:
             return np.isin(cells.rows, entry["held_out_rows"])
