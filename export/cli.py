@@ -18,7 +18,11 @@ from scl.runtime.cli_errors import reports_input_errors
 
 writes my_model.onnx, my_model.int8.onnx and my_model.fp16.onnx, each with <file>.validation.json
 beside it (largest difference to torch, label agreement); nothing is replaced unless it passes.
-Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onnx"""
+Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onnx
+
+
+  scl-export my_base --out my_base.onnx     # a base model folder (no head): embeddings only,
+      # for scl-reference build and scl-annotate --reference"""
 )
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The fp32 .onnx file to write.")
@@ -28,7 +32,8 @@ Annotate with: scl-annotate demo_out/data/pbmc_heldout.h5ad --model my_model.onn
 @click.option("--sample-cells", "n_sample", default=512, type=click.IntRange(min=1), show_default=True, help="How many cells to validate on.")
 @reports_input_errors
 def main(run_dir, out, quantize, fp16, sample_data, n_sample):
-    """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata."""
+    """Export a scl-train RUN_DIR as one ONNX graph: normalisation, encoder, classifier, with metadata (or a base
+    model folder, encoder only)."""
     from .export_run import export_run, summary_line
 
     for r in export_run(run_dir, out, quantize, fp16, sample_data, n_sample):

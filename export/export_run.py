@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from scl.runtime.errors import SclError
-from scl.runtime.expression import ExpressionSource
+from scl.runtime.expression import ExpressionSource, ReadOptions
+from scl.runtime.integrity import file_sha256
 from scl.runtime.model_metadata import FORMAT_VERSION, INPUT_COUNTS, INPUT_IS_LOGNORM
 from scl.runtime.normalize import TARGET_SUM
 from scl.runtime.places import Place, is_inside, refuse_clashes
@@ -52,12 +53,32 @@ def metadata_values(run, run_dir: Path) -> dict:
     return values
 
 
-def validation_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, str]:
+def base_metadata(model, folder: Path) -> dict:
+    """The metadata of an encoder-only model: a base's gene order and where it came from; no classes."""
+    card = {"name": folder.name, "base_model": str(folder), "base_model_encoder_sha256": file_sha256(str(folder / "encoder.ckpt")),
+            "encoder_only": True, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "scl_version": version("scl")}
+    return {"format_version": FORMAT_VERSION, "gene_order": model.gene_order, "classes": [], "encoder_only": True,
+            "normalization": {"target_sum": TARGET_SUM, "log1p": True, "aligned_first": True},
+            "input": {"name": INPUT_COUNTS, "kind": "raw counts aligned to gene_order (float32 [cells, genes])",
+                      "lognorm_flag": INPUT_IS_LOGNORM, "lognorm_kind": "log1p(counts per 1e4); set the flag to 1"},
+            "model_card": card, "centroids": []}
+
+
+def is_base_folder(path: Path) -> bool:
+    """A SCimilarity model folder (scl-pretrain's output, the official weights), not a scl-train run."""
+    return (path / "encoder.ckpt").is_file() and not (path / "metrics.json").exists()
+
+
+def validation_cells(run, sample_data: str | None, n: int, gene_order: list[str] | None = None) -> tuple[np.ndarray, str]:
+    """Cells to compare each exported file with torch on: --sample-data, else the run's validation or training data,
+    else random counts. `run` None: a base folder's export (`gene_order` given)."""
     from .onnx_file import random_counts
 
-    path = sample_data or run.metrics["config"].get("val_data") or run.metrics["config"]["data"]
+    config = run.metrics["config"] if run is not None else {}
+    gene_order = gene_order or run.model.gene_order
+    path = sample_data or config.get("val_data") or config.get("data")
     if path and os.path.exists(path):
-        with ExpressionSource(path, run.model.gene_order) as src:
+        with ExpressionSource(path, gene_order, ReadOptions(min_genes=1)) as src:  # any overlap serves to compare torch and onnx
             blocks, total = [], 0
             for _, x in src.blocks(normalise=False):
                 blocks.append(x)
@@ -66,13 +87,15 @@ def validation_cells(run, sample_data: str | None, n: int) -> tuple[np.ndarray, 
                     break
         if src.input_kind == "counts":
             return np.vstack(blocks)[:n], path
-    return random_counts(n, len(run.model.gene_order)), "random Poisson counts (no count data to sample)"
+    return random_counts(n, len(gene_order)), "random Poisson counts (no count data to sample)"
 
 
 def fp32_failure(result: dict, run) -> str:
     text = (f"the fp32 export disagrees with torch beyond 1e-4 (probabilities {result['max_abs_diff_probabilities']:.1e}, "
             f"embedding {result['max_abs_diff_embedding']:.1e}, labels {100 * result['label_agreement']:.1f}% equal); nothing was written "
             "(a file already at --out is left as it was)")
+    if "encoder_only" in result:
+        return f"the fp32 export of the encoder disagrees with torch beyond 1e-4 (embedding {result['max_abs_diff_embedding']:.1e}); nothing was written."
     head_norm = float(run.head.weight.detach().norm(dim=1).max())
     if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
         text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
@@ -101,7 +124,8 @@ def export_run(run_dir, out, quantize: str = "none", fp16: bool = False, sample_
     Parameters
     ----------
     run_dir
-        A finished scl-train run folder.
+        A finished scl-train run folder; or a base model folder (SCimilarity's format: scl-pretrain's output or the
+        official weights), exported encoder-only: embeddings, for annotation by a reference's nearest cells.
     out
         The fp32 .onnx to write; the variants are named after it (model.int8.onnx, model.fp16.onnx), each with its
         <file>.validation.json beside it.
@@ -126,7 +150,9 @@ def export_run(run_dir, out, quantize: str = "none", fp16: bool = False, sample_
     from scl.train.run_dir import load_run
 
     from . import onnx_file
-    from .graph import annotation_model
+    from scl.train.model_dir import load_model_dir
+
+    from .graph import EncoderModel, annotation_model
     from .validate import compare, write_report
 
     out = Path(out)
@@ -135,11 +161,15 @@ def export_run(run_dir, out, quantize: str = "none", fp16: bool = False, sample_
         raise SclError(f"{out.parent}: no such directory for --out; create it first.")
     if not os.access(out.parent, os.W_OK):  # before minutes of export work, not after
         raise SclError(f"{out.parent}: the folder for --out is not writable; choose another.")
-    run = load_run(run_dir)
-    module = annotation_model(run)
-    values = metadata_values(run, Path(run_dir))
-    counts, sample = validation_cells(run, sample_data, sample_cells)
-    variants = [("fp32", True, lambda: onnx_file.export_fp32(module, len(run.model.gene_order))),
+    if is_base_folder(Path(run_dir)):
+        run, base = None, load_model_dir(run_dir)
+        module, values = EncoderModel(base.encoder), base_metadata(base, Path(run_dir))
+        counts, sample = validation_cells(None, sample_data, sample_cells, base.gene_order)
+    else:
+        run = load_run(run_dir)
+        base, module, values = run.model, annotation_model(run), metadata_values(run, Path(run_dir))
+        counts, sample = validation_cells(run, sample_data, sample_cells)
+    variants = [("fp32", True, lambda: onnx_file.export_fp32(module, len(base.gene_order))),
                 ("int8", quantize == "int8", lambda: onnx_file.quantize_int8(out)),
                 ("fp16", fp16, lambda: onnx_file.convert_fp16(onnx.load(str(out))))]
     results = []
@@ -162,6 +192,9 @@ def summary_line(result: dict) -> str:
     path, size = result["path"], os.path.getsize(result["path"]) / 1e6
     if not result["validated"]:
         return f"{path}: {result['variant']}, {size:.1f} MB; not validated here ({', '.join(result['providers'])}: {result['reason']})"
+    if "encoder_only" in result:
+        return (f"{path}: {result['variant']} encoder only (embeddings), {size:.1f} MB; vs torch on {result['cells']} cells: "
+                f"nearest sample cell the same for {100 * result['neighbour_agreement']:.2f}%, max |d embedding| {result['max_abs_diff_embedding']:.2e}")
     return (f"{path}: {result['variant']}, {size:.1f} MB; vs torch on {result['cells']} cells: "
             f"labels agree {100 * result['label_agreement']:.2f}%, max |d prob| {result['max_abs_diff_probabilities']:.2e}, "
             f"max |d embedding| {result['max_abs_diff_embedding']:.2e}")

@@ -1,7 +1,8 @@
 """The whole annotation model as one torch module, the shape the ONNX graph takes.
 
 counts aligned to the gene order -> total counts to 1e4 and log1p (skipped when input_is_lognorm is 1)
--> merged encoder -> L2-normalised embedding -> linear head (divided by the calibration temperature) -> softmax.
+-> merged encoder -> L2-normalised embedding -> linear head (divided by the calibration temperature) -> softmax;
+or, for a base model without a head (EncoderModel), the embedding alone.
 
 The choice between the two inputs is a torch.cond, exported as an ONNX If: only the branch taken runs. A
 torch.where over both costs five passes over the dense [cells, 28231] input, which measured 45% of the fp32
@@ -27,6 +28,18 @@ class AnnotationModel(torch.nn.Module):
         embedding = self.encoder(x)  # SCimilarity's encoder ends with F.normalize
         probabilities = F.softmax(self.head(embedding), dim=1)
         return probabilities, embedding
+
+
+class EncoderModel(torch.nn.Module):
+    """A base model without a head (scl-pretrain's folder, or SCimilarity's own weights): counts -> embedding only,
+    for annotation by a reference's nearest cells."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder.eval()
+
+    def forward(self, counts: torch.Tensor, input_is_lognorm: torch.Tensor):
+        return self.encoder(torch.cond(input_is_lognorm[0] > 0.5, _as_given, _lognorm, (counts,)))
 
 
 def annotation_model(run) -> AnnotationModel:

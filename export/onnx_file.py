@@ -16,7 +16,7 @@ from scl.runtime import integrity
 from scl.runtime import model_metadata as meta
 from scl.runtime.atomic import atomic_path
 
-from .graph import AnnotationModel
+from .graph import AnnotationModel, EncoderModel
 
 
 def weights_digest(model: onnx.ModelProto) -> str:
@@ -43,15 +43,16 @@ def save_unchecked(model: onnx.ModelProto, values: dict, path) -> None:
     onnx.save(model, str(path))
 
 
-def export_fp32(module: AnnotationModel, n_genes: int) -> onnx.ModelProto:
+def export_fp32(module: AnnotationModel | EncoderModel, n_genes: int) -> onnx.ModelProto:
     counts = torch.rand(4, n_genes)
     flag = torch.zeros(1)
     cells = torch.export.Dim("cells", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" lines
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        outputs = meta.OUTPUTS if isinstance(module(counts, flag), tuple) else meta.ENCODER_OUTPUTS  # an EncoderModel gives the embedding alone
         program = torch.onnx.export(
-            module, (counts, flag), input_names=[meta.INPUT_COUNTS, meta.INPUT_IS_LOGNORM], output_names=list(meta.OUTPUTS),
+            module, (counts, flag), input_names=[meta.INPUT_COUNTS, meta.INPUT_IS_LOGNORM], output_names=list(outputs),
             dynamic_shapes=({0: cells}, None), dynamo=True, external_data=False, verbose=False,
         )
     return program.model_proto

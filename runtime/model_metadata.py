@@ -14,10 +14,12 @@ FORMAT_VERSION = 2  # 2: the content digest covers the whole graph (integrity.py
 INPUT_COUNTS = "counts"  # float32 [cells, genes]: values aligned to scl.gene_order
 INPUT_IS_LOGNORM = "input_is_lognorm"  # float32 [1]: 1 skips the in-graph normalisation
 OUTPUTS = ("probabilities", "embedding")
+ENCODER_OUTPUTS = ("embedding",)  # an encoder-only model (a base without a head): no classes, no centroids
 KEYS = ("format_version", "gene_order", "classes", "normalization", "input", "model_card", "weights_sha256", "centroids")
 # absent in models exported before them: novelty_limits {"values": [per class], "quantile": q, "from": "..."} (models
 # exported before calibration); content_sha256 (integrity.py); calibration (conformal.Calibration.to_metadata)
-OPTIONAL_KEYS = ("novelty_limits", "content_sha256", "calibration")
+# encoder_only: true for a base model exported without a head (classes and centroids empty)
+OPTIONAL_KEYS = ("novelty_limits", "content_sha256", "calibration", "encoder_only")
 
 
 def encode(values: dict) -> dict[str, str]:
@@ -54,9 +56,10 @@ def _check(meta: dict, source: str, genes: int | None, classes: int | None, late
     def refuse(key: str, problem: str):
         raise ModelError(f"{source}: metadata scl.{key} {problem}; export the model again from its run.")
 
+    headless = meta.get("encoder_only") is True
     for key in ("gene_order", "classes"):
         values = meta[key]
-        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        if not isinstance(values, list) or not (values or (headless and key == "classes")) or not all(isinstance(v, str) for v in values):
             refuse(key, "is not a list of names")
         if len(set(values)) != len(values):
             refuse(key, "names one entry twice")
@@ -66,7 +69,9 @@ def _check(meta: dict, source: str, genes: int | None, classes: int | None, late
     if classes is not None and n != classes:
         refuse("classes", f"lists {n} classes but the graph outputs {classes} probabilities")
     centroids = meta["centroids"]
-    if not isinstance(centroids, list) or len(centroids) != n or not all(isinstance(c, list) and c and len(c) == len(centroids[0]) for c in centroids):
+    if headless and centroids == [] and n == 0:
+        return
+    if not isinstance(centroids, list) or len(centroids) != n or not centroids or not all(isinstance(c, list) and c and len(c) == len(centroids[0]) for c in centroids):
         refuse("centroids", f"is not {n} vectors of one width (one per class)")
     if latent is not None and len(centroids[0]) != latent:
         refuse("centroids", f"are {len(centroids[0])} wide but the embedding has {latent} dimensions")

@@ -13,6 +13,7 @@ from .conformal import Calibration
 from .errors import ModelError, SclError
 from .genes import GeneIndex
 
+ENCODER_ONLY = "gives embeddings only (a base model exported without a head)"  # how every refusal of such a model opens
 CUDA_UNUSABLE = "CUDA is not usable here (onnxruntime-gpu could not load its CUDA libraries, such as libcublasLt); running on the CPU."
 
 
@@ -46,8 +47,12 @@ class AnnotationSession:
         self.meta = self._metadata()
         self.gene_order = GeneIndex(self.meta["gene_order"])  # aligned against for every file and request
         self.classes: list[str] = self.meta["classes"]
+        self.encoder_only = self.meta.get("encoder_only") is True  # a base without a head: embeddings only
+        self.outputs = meta.ENCODER_OUTPUTS if self.encoder_only else meta.OUTPUTS
+        self.latent = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "embedding")  # the embedding's width
         self.centroids = np.asarray(self.meta["centroids"], dtype=np.float32)
-        self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
+        if len(self.centroids):  # none in an encoder-only model
+            self.centroids /= np.linalg.norm(self.centroids, axis=1, keepdims=True)
         limits = self.meta.get("novelty_limits")  # None in models exported before scl stored them
         self.novelty_limits = np.asarray(limits["values"], dtype=np.float32) if limits else None
         calibration = self.meta.get("calibration")  # None in models exported before scl kept calibration cells
@@ -130,8 +135,10 @@ class AnnotationSession:
 
     def predict(self, x: np.ndarray, is_lognorm: bool = False) -> Prediction:
         feed = {meta.INPUT_COUNTS: np.ascontiguousarray(x, dtype=np.float32), meta.INPUT_IS_LOGNORM: np.array([float(is_lognorm)], dtype=np.float32)}
-        probs, emb = self.session.run(list(meta.OUTPUTS), feed)
-        return Prediction(probs, emb)
+        out = self.session.run(list(self.outputs), feed)
+        if self.encoder_only:
+            return Prediction(np.zeros((len(x), 0), dtype=np.float32), out[0])
+        return Prediction(*out)
 
     def describe(self) -> dict:
         card = self.meta["model_card"]
