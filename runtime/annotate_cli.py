@@ -16,6 +16,7 @@ from .expression import ReadOptions
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, MATRIX_CHOICES
 from .normalize import INPUT_KINDS
 from .places import Place, refuse_clashes
+from .reference import DEFAULT_K
 
 
 POSITIVE_GIB = Bounds(0, low_open=True, words="a positive number of GiB")
@@ -86,6 +87,11 @@ def print_summary(report) -> None:
         click.echo(f"  majority voting over {votes['clusters']:,} clusters ({votes['clusters_from']}): "
                    f"{votes['heterogeneous_cells']:,} cells in clusters whose top label holds under {votes['min_share']:g} (heterogeneous)"
                    + (f"; {votes['unclustered_cells']:,} cells without a cluster took no part (unclustered)" if votes["unclustered_cells"] else ""))
+    knn = report.neighbours
+    if knn:
+        novel = f"; novel by neighbours {knn['novelty']['novel_cells']:,} ({knn['novelty']['rule']})" if "novelty" in knn else ""
+        agree = "" if knn["agree_with_head"] is None else f"; their label is the head's for {100 * knn['agree_with_head']:.1f}% of cells"
+        click.echo(f"  neighbours: k {knn['k']} of {knn['cells']:,} reference cells ({knn['path']}){agree}{novel}")
     width = max(len(k) for k in report.labels) if report.labels else 5
     for label, n in report.labels.items():
         click.echo(f"    {label:<{width}}  {n:>8,}  {100 * n / max(report.cells, 1):5.1f}%")
@@ -100,6 +106,7 @@ def print_summary(report) -> None:
       --output calls.csv --probabilities
   scl-annotate 'data/*.h5ad' --model model.onnx --output-dir out --shard 3/16 --report run.json
   scl-annotate cells.h5ad --model demo_out/model.onnx --over-clustering leiden   # vote per Leiden cluster
+  scl-annotate cells.h5ad --model demo_out/model.onnx --reference atlas.sclref -k 50   # + knn_label
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
 scl_novelty (cosine distance to the label's training centroid), scl_novelty_p, scl_genes_detected,
@@ -131,6 +138,12 @@ auto labels them unassigned.
               "--over-clustering, else an automatic over-clustering of the embedding (needs scl[voting]).")
 @click.option("--over-clustering", help="obs column of an .h5ad input with clusters to vote in (implies --majority-voting).")
 @click.option("--min-share", default=0.5, show_default=True, help="Clusters whose top label holds a smaller share are 'heterogeneous'.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False), help="A reference folder (scl-reference build) made with "
+              "this model: also call each cell by its nearest reference cells (knn_label, knn_share, knn_min_dist, ...).")
+@click.option("-k", "--neighbours", "k", default=DEFAULT_K, show_default=True, help="Reference cells that vote, with --reference.")
+@click.option("--restrict-to", help="Labels to call, comma-separated (SCimilarity's safelist): the head's probabilities are renormalised "
+              "over them, and only reference cells of them vote.")
+@click.option("--exclude", help="Labels never to call, comma-separated (SCimilarity's blocklist).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="Blocks annotated at once, each on one core; default: all cores.")
 @click.option("--matrix", type=click.Choice(MATRIX_CHOICES), default="auto", show_default=True, help="h5ad matrix; auto takes raw counts (layers/counts, raw/X) where present.")
@@ -145,10 +158,11 @@ auto labels them unassigned.
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
 def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, alpha, majority_voting, over_clustering, min_share,
-         device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
+         reference, k, restrict_to, exclude, device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
     from .file_driver import annotate_file, check_folder_writable, check_output_path
     from .annotator import AnnotateOptions, Annotator
+    from .reference import Reference
 
     paths = expand_inputs(inputs, shard)
     check_setting("csc_memory_limit", csc_memory_limit, POSITIVE_GIB, DEFAULT_CSC_LIMIT_BYTES / 1024**3)
@@ -162,8 +176,11 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
     reads = [Place(path, f"the input {path}") for path in paths] + [Place(model, "the model", "model")]
     writes = [Place(out, f"the output of {path}", "output_dir" if output_dir else "output") for path, out in zip(paths, outputs)]
     refuse_clashes(reads, writes + ([Place(report, "the report", "report")] if report else []))
-    options = AnnotateOptions(min_confidence, max_novelty, not quiet, min_cell_genes, alpha, majority_voting, over_clustering, min_share)
+    options = AnnotateOptions(min_confidence, max_novelty, not quiet, min_cell_genes, alpha, majority_voting, over_clustering, min_share,
+                              Reference.load(reference) if reference else None, k, restrict_to, exclude)
     annotator = Annotator(model, device, threads)
+    if options.reference is not None:
+        options.reference.check_model(annotator)  # before any file, as the rules below
     read = ReadOptions(matrix=matrix, gene_column=gene_column, input_kind=input_kind, genes_as_rows=genes_as_rows,
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), batch_size=batch_size)
     annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file

@@ -13,17 +13,19 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import voting
 from .bounds import AT_LEAST_ONE, ERROR_RATE, NOT_NEGATIVE_WHOLE, PROBABILITY, SHARE_OF_CELLS, Bounds, check_bounds, check_setting
-from .calls import NOVELTY_ALPHA, CallRules, columns_for, default_min_cell_genes
+from .calls import NOVELTY_ALPHA, CallRules, columns_for, default_min_cell_genes, kept_labels
 from .errors import SclError
 from .expression import ExpressionSource, ReadOptions
 from .h5ad import wanted_matrix
 from .in_memory import MemoryMatrix, is_anndata, memory_matrix
 from .pipeline import Pipeline
+from .reference import DEFAULT_K, as_reference
 from .result import AnnotationResult, ResultSink, check_key_added
-from .session import AnnotationSession, Prediction
+from .session import ENCODER_ONLY, AnnotationSession, Prediction
 
 log = logging.getLogger("scl")
 
@@ -44,18 +46,40 @@ class AnnotateOptions:
     majority_voting: bool = False  # votes over an automatic over-clustering (or over_clustering's clusters)
     over_clustering: object = None  # clusters to vote in: an obs column name, or one cluster id per cell
     min_share: float = voting.MIN_SHARE  # clusters whose top label holds less are 'heterogeneous'
+    reference: object = None  # a Reference (or its folder's path): also call each cell by its k nearest reference cells
+    k: int = DEFAULT_K  # reference cells that vote
+    restrict_to: object = None  # label names (a list, or "A,B"): the head and the neighbours call only these
+    exclude: object = None  # label names the head and the neighbours never call
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"min_confidence": PROBABILITY, "min_cell_genes": NOT_NEGATIVE_WHOLE, "alpha": ERROR_RATE,
-                                           "min_share": SHARE_OF_CELLS}
+                                           "min_share": SHARE_OF_CELLS, "k": AT_LEAST_ONE}
 
     def __post_init__(self):
         check_bounds(self, self.BOUNDS)
+        self.restrict_to, self.exclude = label_list(self.restrict_to, "restrict_to"), label_list(self.exclude, "exclude")
+        if self.restrict_to is not None and self.exclude is not None:
+            raise SclError("restrict_to and exclude: give one of them (the labels to keep, or those to leave out).", "exclude")
         if self.min_share != voting.MIN_SHARE and not self.voting_wanted:
             log.warning(f"min_share {self.min_share:g} is ignored: it applies to majority voting, which was not asked for (majority_voting, over_clustering).")
 
     @property
     def voting_wanted(self) -> bool:
         return self.majority_voting or self.over_clustering is not None
+
+
+def label_list(names, option: str) -> tuple[str, ...] | None:
+    """Label names as given: a list (or other sequence) of names, or one string with commas between them."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    try:
+        names = tuple(str(n) for n in names)
+    except TypeError:
+        raise SclError(f"{option} {names!r}: give label names, as a list or one string with commas between them.", option) from None
+    if not names:
+        raise SclError(f"{option}: no label names given.", option)
+    return names
 
 
 class Annotator:
@@ -117,6 +141,12 @@ class Annotator:
         genes the input holds (what min_cell_genes scales with); None: all of them (a request's gene map shows only
         the genes a cell expresses, so it cannot say)."""
         session, alpha = self.session, options.alpha
+        shown = len(session.gene_order) if genes_shown is None else genes_shown
+        min_genes = default_min_cell_genes(shown) if options.min_cell_genes is None else options.min_cell_genes
+        if session.encoder_only:
+            self.refuse_head_options(options)
+            return CallRules(novelty_alpha=float(alpha) if alpha is not None else NOVELTY_ALPHA, min_cell_genes=min_genes)
+        kept = kept_labels(session.classes, options.restrict_to, options.exclude, f"the model {session.path}")
         if alpha is not None:
             alpha = float(alpha)  # a Fraction or numpy float, as one float for the arithmetic and the report
             if session.calibration is None:
@@ -125,9 +155,15 @@ class Annotator:
                                f"{str(card.get('created', '?'))[:10]} from a run without calibration.json); prediction sets and novelty "
                                "p-values need them: train and export it again with this scl.", "alpha")
         limits, unassign = self._novelty_limits(options.max_novelty)
-        shown = len(session.gene_order) if genes_shown is None else genes_shown
-        min_genes = default_min_cell_genes(shown) if options.min_cell_genes is None else options.min_cell_genes
-        return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes)
+        return CallRules(options.min_confidence, limits, session.calibration, alpha or NOVELTY_ALPHA, alpha, unassign, min_genes, kept)
+
+    def refuse_head_options(self, options: AnnotateOptions) -> None:
+        """An encoder-only model calls cells by a reference's neighbours alone: what needs a head is refused in one line."""
+        asked = [name for name, given in (("min_confidence", options.min_confidence > 0), ("max_novelty", options.max_novelty is not None),
+                                          ("majority_voting", options.voting_wanted)) if given]
+        if asked:
+            raise SclError(f"{self.session.path} {ENCODER_ONLY}: {asked[0]} needs a head; "
+                           "drop it, or train a head with scl-train and export the run.", asked[0])
 
     def _novelty_limits(self, max_novelty: str | float | None) -> tuple[np.ndarray | None, bool]:
         """(per-class distance limits, whether novel cells are labelled unassigned); calibrated models judge novelty by
@@ -186,7 +222,7 @@ class Annotator:
                  gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
                  min_confidence: float = 0.0, max_novelty: str | float | None = None, min_cell_genes: int | None = None,
                  alpha: float | None = None, majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
-                 batch_size: int = 256, progress: bool = True) -> AnnotationResult:
+                 reference=None, k: int = DEFAULT_K, restrict_to=None, exclude=None, batch_size: int = 256, progress: bool = True) -> AnnotationResult:
         """Annotate cells in memory (or an .h5ad/CSV path) and return the calls, embedding and probabilities.
 
         Parameters
@@ -222,6 +258,15 @@ class Annotator:
             Majority voting (see `scl.majority_vote`): clusters from `over_clustering` (an obs column name or one
             cluster id per cell), or from an automatic over-clustering of the embedding when only
             `majority_voting=True`. Clusters whose top label holds less than `min_share` are 'heterogeneous'.
+        reference, k
+            A `Reference` (or the path of its folder, from scl-reference build) built with this model: each cell is also
+            called by its k nearest reference cells (columns knn_label, knn_share, knn_second_label, knn_min_dist,
+            knn_novelty_p, knn_novel, knn_agrees).
+        restrict_to, exclude
+            Label names (a list, or one string with commas) that the head and the neighbours may call, or may not
+            (SCimilarity's safelist and blocklist). The head's probabilities are renormalised over the kept classes and
+            its prediction sets keep only them; only reference cells of kept labels vote. Every name must be a label of
+            the model (and of the reference, when one is given).
         batch_size
             Cells per block; memory is threads x batch_size x model genes x 4 bytes.
 
@@ -236,7 +281,8 @@ class Annotator:
         >>> result.embedding.shape
         (2800, 128)
         """
-        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha, majority_voting, over_clustering, min_share)
+        options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha, majority_voting, over_clustering, min_share,
+                                  as_reference(reference), k, restrict_to, exclude)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
         started = time.perf_counter()
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
@@ -246,15 +292,24 @@ class Annotator:
             pipeline.run(source, sink, clusters, started=started)
         return sink.result
 
-    def embed(self, data, genes=None, cell_ids=None, **kwargs) -> np.ndarray:
-        """The L2-normalised embedding [cells, latent] of cells in memory (takes annotate()'s reading options).
+    def embed(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None, gene_column: str | None = None,
+              input_kind: str = "auto", min_genes: int | None = None, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+        """The L2-normalised embedding [cells, latent] (takes annotate()'s reading options); any model, encoder-only too.
 
         Examples
         --------
         >>> adata.obsm["X_scl"] = annotator.embed(adata)
         >>> sc.pp.neighbors(adata, use_rep="X_scl")
         """
-        return self.annotate(data, genes, cell_ids, **kwargs).embedding
+        read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
+        with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
+            pipeline = Pipeline(self, AnnotateOptions(progress=False), source.alignment.matched)
+            parts = []
+            with tqdm(total=source.n_cells, desc="scl embed", unit="cells", disable=not progress, leave=False) as bar:
+                for block in pipeline.blocks(source):
+                    parts.append(block.embedding)
+                    bar.update(len(block.cell_ids))
+        return np.concatenate(parts)
 
     def describe(self) -> dict:
         return self.session.describe() | {"notes": self.session.notes}

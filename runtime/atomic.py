@@ -12,6 +12,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -46,7 +47,7 @@ def remove_stale_temporaries(path: Path) -> list[str]:
         pid = Path(stale).name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
+                shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.unlink(stale)
                 removed.append(stale)
     if removed:
         log.warning(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed)}")
@@ -68,4 +69,27 @@ def atomic_path(path, suffix: str = ""):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yields a temporary folder beside `path`; it replaces `path` (a folder, or nothing) only if the block succeeds.
+    A folder cannot be renamed onto another in one step: the old one is moved aside first, then removed."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{MARK}{_host()}-{os.getpid()}-")
+    try:
+        yield tmp
+        raise_if_stopped()
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            aside = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{MARK}{_host()}-{os.getpid()}-old-")
+            os.replace(path, os.path.join(aside, path.name))
+            os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .conformal import SET_SEPARATOR, Calibration, set_names
+from .errors import SclError
 from .session import Prediction
 
 UNASSIGNED = "unassigned"
@@ -37,7 +38,7 @@ class Column:
     """
 
     name: str
-    kind: str  # "label": class index (-1 unassigned), written as names; "reason": REASON_CATEGORIES index; "category", "set": strings; "float"; "int"; "bool"
+    kind: str  # "label": class index (-1 unassigned), written as names; "reason": REASON_CATEGORIES index; "category", "set", "text": strings; "float"; "int"; "bool"
     doc: str
 
 
@@ -53,6 +54,15 @@ COLUMNS = (
     Column("prediction_set", "set", "the types that, at the given alpha, cannot be ruled out, most probable first ('|' between)"),
     Column("set_size", "int", "how many types the prediction set holds (0: unassigned)"),
     Column("unassigned_reason", "reason", "why the cell is unassigned (the first of: few_genes, low_confidence, novel, empty_set); '' if assigned"),
+)
+KNN_COLUMNS = (  # with a reference (reference.py): SCimilarity's vote over the k nearest reference cells
+    Column("knn_label", "text", "the reference label with the most weight among the cell's k nearest reference cells (1/distance each)"),
+    Column("knn_share", "float", "that label's share of the neighbours' weight"),
+    Column("knn_second_label", "text", "the runner-up label among the neighbours ('' when they all agree)"),
+    Column("knn_min_dist", "float", "cosine distance to the nearest reference cell"),
+    Column("knn_novelty_p", "float", "conformal p-value of knn_min_dist among held-out reference cells of knn_label"),
+    Column("knn_novel", "bool", "unlike the held-out reference cells: knn_novelty_p <= alpha (0.01 unless given)"),
+    Column("knn_agrees", "bool", "the head's most probable type is knn_label"),
 )
 REASONS = {  # why a cell is unassigned, in the order they are judged, and the setting that changes it
     "few_genes": "min_cell_genes", "low_confidence": "min_confidence", "novel": "max_novelty", "empty_set": "alpha"}
@@ -92,6 +102,7 @@ class CallRules:
     set_alpha: float | None = None  # prediction sets at this level; None: no sets
     unassign_novel: bool = False
     min_cell_genes: int = 0
+    kept: np.ndarray | None = None  # bool per class: the classes restrict_to / exclude leave (None: all)
 
 
 def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | None = None, classes: list[str] | None = None,
@@ -100,9 +111,10 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
     calibration, 'prediction_set' and 'set_size' with a set alpha (names need `classes`)."""
     rules = rules or CallRules()
     probs = pred.probabilities
-    order = np.argsort(-probs, axis=1, kind="stable")  # ties go to the earlier class
+    kept = np.ones(probs.shape[1], dtype=bool) if rules.kept is None else rules.kept
+    order = np.argsort(-np.where(kept, probs, -1.0), axis=1, kind="stable")  # ties go to the earlier class
     best = order[:, 0]
-    second = order[:, 1] if probs.shape[1] > 1 else best
+    second = order[:, 1] if kept.sum() > 1 else best
     rows = np.arange(len(probs))
     confidence = probs[rows, best]
     novelty = cosine_distance(pred.embedding, unit_centroids, best)
@@ -122,7 +134,7 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
     failed = {"few_genes": (genes_detected < rules.min_cell_genes) & (genes_detected >= 0),
               "low_confidence": confidence < rules.min_confidence, "novel": novel & rules.unassign_novel}
     if rules.calibration is not None and rules.set_alpha is not None:
-        in_set = rules.calibration.prediction_sets(probs, rules.set_alpha)
+        in_set = rules.calibration.prediction_sets(probs, rules.set_alpha) & kept
         calls["prediction_set"] = set_names(in_set, probs, classes)
         calls["set_size"] = in_set.sum(axis=1).astype(np.int32)
         failed["empty_set"] = calls["set_size"] == 0
@@ -134,6 +146,33 @@ def call_cells(pred: Prediction, unit_centroids: np.ndarray, rules: CallRules | 
     return calls
 
 
+def kept_labels(labels: list[str], restrict_to, exclude, whose: str) -> np.ndarray | None:
+    """bool per label: those `restrict_to` names (or all but those `exclude` names); None when neither is given. A name
+    that is not one of `labels` is refused in one line that lists them."""
+    if restrict_to is None and exclude is None:
+        return None
+    option, names = ("restrict_to", restrict_to) if restrict_to is not None else ("exclude", exclude)
+    unknown = [n for n in names if n not in set(labels)]
+    if unknown:
+        raise SclError(f"{option}: {unknown[0]!r} is not a label of {whose}; its labels: {', '.join(labels)}.", option)
+    kept = np.isin(np.asarray(labels, dtype=object), list(names))
+    kept = kept if option == "restrict_to" else ~kept
+    if not kept.any():
+        raise SclError(f"exclude: every label of {whose} is excluded; leave at least one.", "exclude")
+    return kept
+
+
+def restricted(pred: Prediction, kept: np.ndarray | None) -> Prediction:
+    """The probabilities renormalised over the kept classes (excluded ones 0); a cell with no weight on any kept class
+    gets them all equally."""
+    if kept is None:
+        return pred
+    probs = np.where(kept, pred.probabilities, 0.0)
+    total = probs.sum(axis=1, keepdims=True)
+    probs = np.where(total > 0, probs / np.where(total > 0, total, 1.0), kept / kept.sum())
+    return Prediction(probs.astype(np.float32), pred.embedding)
+
+
 def columns_for(rules: CallRules) -> list[Column]:
     """The COLUMNS call_cells gives under `rules`, in their order: what a run declares before its first block."""
     calibrated = rules.calibration is not None
@@ -142,7 +181,10 @@ def columns_for(rules: CallRules) -> list[Column]:
     return [c for c in COLUMNS if given.get(c.name, True)]
 
 
-def present(calls: Calls, columns=COLUMNS + VOTING_COLUMNS) -> list[Column]:
+ALL_COLUMNS = COLUMNS + KNN_COLUMNS + VOTING_COLUMNS
+
+
+def present(calls: Calls, columns=ALL_COLUMNS) -> list[Column]:
     return [c for c in columns if c.name in calls]
 
 

@@ -18,6 +18,7 @@ from .annotator import AnnotateOptions, Annotator
 from .atomic import atomic_path
 from .cli_errors import raise_if_stopped
 from .errors import SclError
+from .session import ENCODER_ONLY
 from .expression import ReadOptions
 from .h5ad import H5adFile
 from .outputs import CsvOutput, H5adOutput
@@ -47,7 +48,7 @@ SLACK = 2**20  # metadata, the report and chunk rounding at the end of an output
 
 def bytes_per_cell(annotator: Annotator, output: str, probabilities: bool) -> int:
     """What each cell adds to the output, generously."""
-    classes, latent = len(annotator.classes), annotator.session.centroids.shape[1]
+    classes, latent = len(annotator.classes), annotator.session.latent
     if output.endswith(".csv"):
         return 120 + (10 * classes if probabilities else 0)
     return int(4 * (latent + (classes if probabilities else 0) + 12) * 1.3)
@@ -117,6 +118,9 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
     >>> report.labels
     """
     check_output_path(input_path, output)
+    if probabilities and annotator.session.encoder_only:
+        raise SclError(f"{annotator.session.path} {ENCODER_ONLY}: it has no class "
+                       "probabilities to write; drop --probabilities.", "probabilities")
     started = time.perf_counter()
     with annotator.open(input_path, read=read) as source:
         needed = space_needed(source, annotator, output, probabilities)
@@ -138,5 +142,5 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
 def open_writer(tmp: str, output: str, source, annotator: Annotator, columns, probabilities: bool):
     """The writer for the output's format, writing into `tmp`."""
     if output.endswith(".h5ad"):
-        return H5adOutput(tmp, copied_input(source), annotator.classes, columns, annotator.session.centroids.shape[1], probabilities)
+        return H5adOutput(tmp, copied_input(source), annotator.classes, columns, annotator.session.latent, probabilities)
     return CsvOutput(tmp, annotator.classes, columns, probabilities)

@@ -19,7 +19,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .calls import COLUMNS, REASON_CATEGORIES, UNASSIGNED, VOTING_COLUMNS, Column, as_values
+from .calls import ALL_COLUMNS, REASON_CATEGORIES, UNASSIGNED, Column, as_values
 from .result import embedding_key, obs_name, probabilities_key
 
 STR = h5py.string_dtype()
@@ -106,7 +106,7 @@ class H5adOutput:
         if self.new_file:
             self._skeleton()
         obs = self.obs = self.file["obs"]
-        previous = [obs_name(KEY, c) for c in COLUMNS + VOTING_COLUMNS]
+        previous = [obs_name(KEY, c) for c in ALL_COLUMNS]
         for name in previous:
             if name in obs:
                 del obs[name]  # re-annotating replaces the previous calls, all of them
@@ -127,7 +127,7 @@ class H5adOutput:
             return _growable(_categorical(self.obs, name, list(self.classes) + [UNASSIGNED]), "codes", np.int16)
         if column.kind == "reason":
             return _growable(_categorical(self.obs, name, list(REASON_CATEGORIES)), "codes", np.int8)
-        return _growable(self.obs, name, {"float": np.float32, "int": np.int32, "set": STR}.get(column.kind, bool))
+        return _growable(self.obs, name, {"float": np.float32, "int": np.int32, "set": STR, "text": STR}.get(column.kind, bool))
 
     def _column_order(self, names: list[str], dropped: list[str] = ()) -> None:
         """obs's column-order ends with `names`; a name listed there without its column makes anndata fail to read."""

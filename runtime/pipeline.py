@@ -29,11 +29,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import voting
-from .calls import REASON_CATEGORIES, VOTING_COLUMNS, CallRules, Calls, call_cells, columns_for, label_names
+from .calls import COLUMNS, REASON_CATEGORIES, VOTING_COLUMNS, CallRules, Calls, call_cells, columns_for, kept_labels, label_names, restricted
+from .errors import SclError
 from .expression import ExpressionSource
-from .run_report import RunReport, novelty_report, prediction_set_report, unassigned_report
+from .reference import as_reference
+from .run_report import RunReport, neighbours_report, novelty_report, prediction_set_report, unassigned_report
 from .result import BlockCollector
-from .session import Prediction
+from .session import ENCODER_ONLY, Prediction
 
 
 @dataclass
@@ -53,14 +55,23 @@ class RunTally:
     novel: int = 0
     set_sizes: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)  # unassigned cells per reason (calls.REASONS)
+    knn_labels: Counter = field(default_factory=Counter)  # with a reference
+    knn_agree: int = 0
+    knn_novel: int = 0
 
     def add(self, block: AnnotatedBlock, classes: list[str]) -> None:
-        self.labels.update(label_names(classes, block.calls["label"]))
+        calls = block.calls
         self.cells += len(block.cell_ids)
-        self.novel += int(block.calls["novel"].sum()) if "novel" in block.calls else 0
-        if "set_size" in block.calls:
-            self.set_sizes.update(block.calls["set_size"].tolist())
-        self.reasons.update(REASON_CATEGORIES[code] for code in block.calls["unassigned_reason"][block.calls["label"] < 0])
+        if "label" in calls:  # a head's calls
+            self.labels.update(label_names(classes, calls["label"]))
+            self.reasons.update(REASON_CATEGORIES[code] for code in calls["unassigned_reason"][calls["label"] < 0])
+        self.novel += int(calls["novel"].sum()) if "novel" in calls else 0
+        if "set_size" in calls:
+            self.set_sizes.update(calls["set_size"].tolist())
+        if "knn_label" in calls:
+            self.knn_labels.update(calls["knn_label"].tolist())
+            self.knn_agree += int(calls["knn_agrees"].sum()) if "knn_agrees" in calls else 0
+            self.knn_novel += int(calls["knn_novel"].sum()) if "knn_novel" in calls else 0
 
 
 class Pipeline:
@@ -89,13 +100,25 @@ class Pipeline:
         self.annotator, self.options = annotator, options
         self.classes = annotator.classes
         self.rules: CallRules = annotator.rules(options, genes_shown)
-        self.columns = columns_for(self.rules)
+        self.headless = annotator.session.encoder_only  # a base without a head: the reference's neighbours alone call cells
+        self.columns = [c for c in COLUMNS if c.name == "genes_detected"] if self.headless else columns_for(self.rules)
+        self.reference = as_reference(options.reference)
+        if self.reference is not None:
+            self.reference.check_model(annotator)
+            self.columns += self.reference.columns(with_head=not self.headless)
+            self.reference_kept = kept_labels(self.reference.labels, options.restrict_to, options.exclude, f"the reference {self.reference.path}")
         self.predict = predict or annotator.predict
 
     def annotate_block(self, source: ExpressionSource, ids, raw, buffer: np.ndarray | None = None) -> AnnotatedBlock:
         """One block as read: checked, aligned, normalised on its nonzeros (log1p CP10k), run and called."""
-        pred = self.predict(source.dense(raw, normalise=True, buffer=buffer, cell_ids=ids))
-        calls = call_cells(pred, self.annotator.session.centroids, self.rules, self.classes, source.genes_detected(raw))
+        pred = restricted(self.predict(source.dense(raw, normalise=True, buffer=buffer, cell_ids=ids)), self.rules.kept)
+        if self.headless:
+            calls = {"genes_detected": source.genes_detected(raw).astype(np.int32)}
+        else:
+            calls = call_cells(pred, self.annotator.session.centroids, self.rules, self.classes, source.genes_detected(raw))
+        if self.reference is not None:
+            head = None if self.headless else np.asarray(self.classes, dtype=object)[pred.probabilities.argmax(axis=1)]
+            calls |= self.reference.calls(pred.embedding, self.options.k, self.rules.novelty_alpha, head, self.reference_kept)
         return AnnotatedBlock(ids, calls, pred.embedding, pred.probabilities)
 
     def blocks(self, source: ExpressionSource):
@@ -121,6 +144,9 @@ class Pipeline:
         """Every block of `source` into `sink`, then majority voting (when the options ask for it: over `clusters`,
         one id per cell, else an automatic over-clustering) and the report, which the sink receives on close."""
         started = time.perf_counter() if started is None else started
+        if self.headless and self.reference is None:
+            raise SclError(f"{self.annotator.session.path} {ENCODER_ONLY}: annotate with a "
+                           "reference (scl-reference build), or train a head with scl-train and export the run.", "reference")
         options, tally = self.options, RunTally()
         own = BlockCollector(source.n_cells) if options.voting_wanted and getattr(sink, "collector", None) is None else None
         bar = tqdm(total=source.n_cells, desc=desc, unit="cells", disable=not options.progress, leave=False)
@@ -155,6 +181,8 @@ class Pipeline:
             majority_voting=None if votes is None else voting.summary(votes, options.over_clustering, options.min_share),
             novelty=novelty_report(options, rules, tally.novel), unassigned=unassigned_report(rules, tally.reasons, source.alignment.matched),
             prediction_sets=prediction_set_report(rules, tally.set_sizes, len(self.classes)),
-            model=model, cells=tally.cells, labels=dict(tally.labels.most_common()), min_confidence=options.min_confidence,
+            restriction=({"restrict_to": list(options.restrict_to)} if options.restrict_to else {"exclude": list(options.exclude)} if options.exclude else None),
+            neighbours=None if self.reference is None else neighbours_report(self.reference, options.k, rules.novelty_alpha, tally, self.headless),
+            model=model, cells=tally.cells, labels=dict((tally.knn_labels if self.headless else tally.labels).most_common()), min_confidence=options.min_confidence,
             min_cell_genes=rules.min_cell_genes, seconds=round(seconds, 3),
             cells_per_second=round(tally.cells / seconds, 1) if seconds > 0 else None)

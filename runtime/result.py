@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import voting
-from .calls import COLUMNS, REASON_CATEGORIES, VOTING_COLUMNS, Column, as_values, label_names
+from .calls import ALL_COLUMNS, REASON_CATEGORIES, VOTING_COLUMNS, Column, as_values, label_names
 from .errors import SclError
 
 
@@ -72,7 +72,9 @@ class AnnotationResult:
 
     @property
     def predicted_labels(self) -> np.ndarray:
-        """Each cell's label as a name ('unassigned' where refused)."""
+        """Each cell's label as a name ('unassigned' where refused); an encoder-only model's: its neighbours' (knn_label)."""
+        if "label" not in self.calls:
+            return np.asarray(self.calls["knn_label"], dtype=object)
         return label_names(self.classes, self.calls["label"])
 
     def add_votes(self, clusters: np.ndarray | None, min_share: float = voting.MIN_SHARE) -> None:
@@ -124,7 +126,7 @@ class AnnotationResult:
             return pd.Categorical(values, categories=list(self.classes) + ["unassigned"])
         if column.kind == "reason":
             return pd.Categorical(values, categories=list(REASON_CATEGORIES))
-        if column.kind == "category":
+        if column.kind in ("category", "text"):
             return pd.Categorical(values.astype(str))
         return values
 
@@ -146,7 +148,7 @@ class AnnotationResult:
         if adata is None:
             adata = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(self.cell_ids.astype(str))))
         order = self._order_in(adata)
-        previous = [obs_name(key_added, c) for c in COLUMNS + VOTING_COLUMNS if obs_name(key_added, c) in adata.obs]
+        previous = [obs_name(key_added, c) for c in ALL_COLUMNS if obs_name(key_added, c) in adata.obs]
         adata.obs.drop(columns=previous, inplace=True)  # a second run under one key replaces every column of the first
         for column in self.columns:
             adata.obs[obs_name(key_added, column)] = self._series_values(column, pd, order)

@@ -26,6 +26,8 @@ class RunReport:
     novelty: dict  # the rule, the novel cells and whether they are unassigned
     unassigned: dict  # reason -> cells and the setting that changes it
     prediction_sets: dict | None  # with an alpha: set sizes and what they promise
+    neighbours: dict | None  # with a reference: the reference, k, the labels the neighbours gave, agreement with the head
+    restriction: dict | None  # {"restrict_to": [...]} or {"exclude": [...]}: the labels the run could call
     model: dict
     cells: int
     labels: dict  # label -> cells, most frequent first
@@ -34,7 +36,7 @@ class RunReport:
     seconds: float
     cells_per_second: float | None
 
-    OPTIONAL = ("majority_voting", "prediction_sets")
+    OPTIONAL = ("majority_voting", "prediction_sets", "neighbours", "restriction")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (k in self.OPTIONAL and v is None)}
@@ -96,3 +98,14 @@ def set_promise(rules: CallRules) -> str:
     if calibration.optimistic:
         text += "; this model's calibration cells were in its base model's training data, so it is optimistic"
     return text
+
+
+def neighbours_report(reference, k: int, alpha: float, tally, reference_only: bool = False) -> dict:
+    """What the reference's neighbours said over the run."""
+    cells = max(tally.cells, 1)
+    report = reference.describe() | {"k": k, "weighting": "1/cosine distance (SCimilarity's)", "labels_called": dict(tally.knn_labels.most_common()),
+                                     "agree_with_head": None if reference_only else round(tally.knn_agree / cells, 4)}
+    if reference.novelty is not None:
+        report["novelty"] = {"rule": f"knn_novelty_p <= {alpha:g} among {len(reference.novelty.pooled_distances):,} held-out reference cells",
+                             "novel_cells": tally.knn_novel}
+    return report

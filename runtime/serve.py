@@ -34,6 +34,7 @@ from .expression import ReadOptions
 from .genes import ENSEMBL_ID
 from .in_memory import MemoryMatrix
 from .pipeline import Pipeline
+from .reference import DEFAULT_K
 from .session import Prediction
 
 InputKind = Literal["auto", "counts", "lognorm"]
@@ -53,6 +54,9 @@ class Options(BaseModel):
     top_k: int = Field(3, ge=1, le=100)
     input_kind: InputKind = Field("auto", description="auto: judged from the values as for files (integers: counts)")
     alpha: float | None = Field(None, gt=0, lt=1, description="error rate for prediction sets and novelty (calibrated models), e.g. 0.05")
+    k: int | None = Field(None, ge=1, le=1000, description="reference cells that vote (servers started with --reference); default 50")
+    restrict_to: list[str] | None = Field(None, min_length=1, description="labels to call (the head renormalised over them; only their reference cells vote)")
+    exclude: list[str] | None = Field(None, min_length=1, description="labels never to call")
 
 
 class Cell(Options):
@@ -220,7 +224,8 @@ def without_paths(described: dict) -> dict:
 
 
 def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int = 64 * 1024**2,
-               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True, show_paths: bool = False) -> FastAPI:
+               timeout_s: float = 60.0, cors_origins: tuple[str, ...] = (), micro_batching: bool = True, show_paths: bool = False,
+               reference=None) -> FastAPI:
     app = FastAPI(title="scl annotation service", version=version("scl"), max_body_size=max_body_bytes,
                   description="Cell-type annotation with an scl ONNX model. Raw counts or log1p(CP10k), judged from the values.")
     if cors_origins:
@@ -249,7 +254,11 @@ def create_app(annotator: Annotator, max_cells: int = 10000, max_body_bytes: int
     def answer(genes, x, sent, request: Options, cell_ids, predict, cancelled: threading.Event) -> list[dict]:
         """The request through the pipeline, as a file goes: values checked, input kind judged, genes aligned."""
         ids = cell_ids or [str(i) for i in range(x.shape[0])]
-        pipeline = Pipeline(annotator, AnnotateOptions(progress=False, alpha=request.alpha), predict=predict)  # bad alpha: 422 first
+        if request.k is not None and reference is None:
+            raise SclError("'k' asks for a vote of reference cells, and this server has none (scl-serve --reference).")
+        options = AnnotateOptions(progress=False, alpha=request.alpha, reference=reference, k=request.k or DEFAULT_K,
+                                  restrict_to=request.restrict_to, exclude=request.exclude)
+        pipeline = Pipeline(annotator, options, predict=predict)  # bad alpha: 422 first
         read = ReadOptions(input_kind=request.input_kind, min_genes=1, batch_size=BLOCK)
         with annotator.open(MemoryMatrix(x, genes, ids, name="request"), read=read) as source:
             sink = RequestCells(session.classes, pipeline.columns, request.top_k, sent, cell_ids, cancelled)

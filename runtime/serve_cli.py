@@ -6,6 +6,7 @@ import click
 
 from .cli_errors import reports_input_errors
 from .errors import SclError
+from .session import ENCODER_ONLY
 
 
 @click.command(
@@ -37,10 +38,12 @@ connection that sends nothing), --timeout from the parsed request to its answer 
 @click.option("--max-connections", default=64, type=click.IntRange(min=1), show_default=True, help="Connections and requests at once; beyond it clients get 503.")
 @click.option("--keep-alive", default=5.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds an idle connection stays open between requests.")
 @click.option("--access-log", is_flag=True, help="Log every request (method, path, status) to stderr.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False), help="A reference folder (scl-reference build) made with "
+              "this model: every answer also gives the vote of the k nearest reference cells (knn_label, ...).")
 @click.option("--show-paths", is_flag=True, help="GET /model shows the model's and its training data's full paths (default: file names).")
 @reports_input_errors
 def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, read_timeout, cors_origin, no_micro_batching, max_connections, keep_alive,
-         access_log, show_paths):
+         access_log, reference, show_paths):
     """Serve POST /predict, POST /predict_batch, GET /healthz, /classes, /model."""
     try:
         import uvicorn
@@ -51,9 +54,18 @@ def main(model, host, port, device, threads, max_cells, max_body_mb, timeout, re
         raise SclError("scl-serve needs FastAPI and uvicorn: pip install 'scl[serve]'.") from None
     from .annotator import Annotator
 
+    from .reference import Reference
+
     annotator = Annotator(model, device, session_threads=threads or 0)  # one run at a time, every core (0: onnxruntime's default)
+    ref = None
+    if annotator.session.encoder_only and not reference:
+        raise SclError(f"{model} {ENCODER_ONLY}: serve it with --reference REF "
+                       "(scl-reference build), or train a head with scl-train and export the run.", "reference")
+    if reference:
+        ref = Reference.load(reference)
+        ref.check_model(annotator)
     app = create_app(annotator, max_cells, int(max_body_mb * 1024**2), timeout, tuple(cors_origin), micro_batching=not no_micro_batching,
-                     show_paths=show_paths)
+                     show_paths=show_paths, reference=ref)
     click.echo(f"scl-serve: {model} ({len(annotator.classes)} classes, {len(annotator.gene_order):,} genes) on {annotator.session.provider}; "
                f"http://{host}:{port} (docs at /docs); Ctrl-C stops it", err=True)
     uvicorn.run(app, host=host, port=port, http=read_deadline_protocol(read_timeout), timeout_keep_alive=keep_alive,

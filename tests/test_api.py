@@ -207,8 +207,9 @@ def test_the_readme_python_example_runs_as_written(exported, small_data, tmp_pat
     (tmp_path / "demo_out" / "data").mkdir(parents=True)
     (tmp_path / "demo_out" / "model.onnx").symlink_to(exported)
     (tmp_path / "demo_out" / "data" / "pbmc_heldout.h5ad").symlink_to(small_data / "val.h5ad")
+    (tmp_path / "demo_out" / "data" / "pbmc_train.h5ad").symlink_to(small_data / "train.h5ad")
     script = tmp_path / "example.py"
     script.write_text(readme_python_example())
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "scl_label" in out.stdout
+    assert "scl_label" in out.stdout and "knn_label" in out.stdout

@@ -153,3 +153,24 @@ def test_pancreas_genes_run(tmp_path):
     assert result["genes"]["baron"] == result["genes"]["seg"] == 2000 and 0 < result["genes"]["shared"] < 2000
     assert set(result["directions"]) == {"baron_to_seg", "seg_to_baron"}
     assert all(0 <= v <= 1 for d in result["directions"].values() for v in d.values()) and result["embedding"] is None
+
+
+def test_ann_libraries_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ann_libraries.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-ann-smoke.json")).read_text())
+    (size,) = result["sizes"]
+    (hnsw,) = size["libraries"]
+    assert size["cells"] == 2000 and hnsw["library"] == "hnswlib" and [s["ef"] for s in hnsw["searches"]] == [64, 128, 256]
+    assert all(0.9 <= s["recall_at_50"] <= 1 for s in hnsw["searches"]) and size["exact_numpy"]["query_cells_per_second"] > 0
+    assert "recall@50" in next(tmp_path.glob("*-ann-smoke.md")).read_text()
+
+
+def test_reference_accuracy_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_accuracy.py"), "--smoke", "--settings", "seg_to_baron",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(next(tmp_path.glob("*-reference-smoke.json")).read_text())["settings"].values()
+    scores = [v for k, v in row.items() if k.startswith(("head", "neighbours"))]
+    assert len(scores) == 8 and all(0 <= v <= 1 for v in scores) and row["test_cells"] > 0
+    assert "head + neighbours" in next(tmp_path.glob("*-reference-smoke.md")).read_text()

@@ -32,7 +32,8 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_command_examples_run_as_written(exported, small_data, tmp_path):
     commands = readme_commands()
-    assert [c[0] for c in commands] == ["scl-pretrain", "scl-train", "scl-export", "scl-annotate", "scl-annotate", "scl-annotate"]
+    assert [c[0] for c in commands] == ["scl-pretrain", "scl-train", "scl-export", "scl-export", "scl-annotate", "scl-annotate", "scl-annotate",
+                                        "scl-reference", "scl-annotate", "scl-reference"]
     (tmp_path / "demo_out" / "data").mkdir(parents=True)  # what `make demo` leaves, from the test data
     for name, target in (("model.onnx", exported), ("model.int8.onnx", exported.with_name("model.int8.onnx")),
                          ("data/pbmc_train.h5ad", small_data / "train.h5ad"), ("data/pbmc_heldout.h5ad", small_data / "val.h5ad")):
@@ -42,10 +43,11 @@ def test_the_readme_command_examples_run_as_written(exported, small_data, tmp_pa
     for words in commands:
         done = subprocess.run([str(BIN / words[0]), *words[1:], *QUICK.get(words[0], [])], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, (words, done.stderr[-2000:])
-    for written in ("my_base/encoder.ckpt", "my_run/report.md", "my_model.onnx", "my_model.int8.onnx", "demo_out/data/pbmc_heldout.scl.h5ad",
-                    "calls.csv", "sets.csv"):
+    for written in ("my_base/encoder.ckpt", "my_run/report.md", "my_model.onnx", "my_model.int8.onnx", "my_base.onnx", "demo_out/data/pbmc_heldout.scl.h5ad",
+                    "calls.csv", "sets.csv", "pbmc.sclref/reference.json", "knn.csv", "hits.csv"):
         assert (tmp_path / written).is_file(), written
     assert "prediction_set" in (tmp_path / "sets.csv").read_text().split("\n")[0]
+    assert "knn_label" in (tmp_path / "knn.csv").read_text().split("\n")[0]
 
 
 def test_the_docs_build_without_a_warning_and_hold_the_api(tmp_path):
@@ -56,7 +58,7 @@ def test_the_docs_build_without_a_warning_and_hold_the_api(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     api = (out / "api.html").read_text()
-    for documented in ("scl.Annotator", "Annotate cells in memory", "scl.runtime.pipeline.Pipeline", "export_run", "TrainingCells"):
+    for documented in ("scl.Annotator", "Annotate cells in memory", "scl.runtime.pipeline.Pipeline", "export_run", "TrainingCells", "scl.Reference"):
         assert documented in api, documented
     pages = {p.stem for p in (REPO / "docs").glob("*.md")}
     assert pages <= {p.stem for p in out.glob("*.html")}  # every page is in the build (and the toctree)
