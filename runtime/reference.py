@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import integrity
 from .atomic import atomic_folder
+from .bounds import Bounds, check_setting
 from .calls import KNN_COLUMNS, NOVELTY_ALPHA
 from .conformal import Calibration
 from .errors import SclError
@@ -39,6 +40,7 @@ from .neighbours import KINDS, HnswIndex, build_index
 FORMAT = 1
 CARD, CELLS = "reference.json", "cells.h5"
 HOLDOUT_SHARE, HOLDOUT_MAX = 0.05, 5000  # cells kept out of the index to judge novelty: 5%, at most 5,000
+HOLDOUT_BOUNDS = Bounds(0, 1, high_open=True, words="a share in [0, 1)")
 DEFAULT_K = 50  # SCimilarity's CellAnnotation default
 DEFAULT_SCIMILARITY_EF = 100  # ... and its search breadth (get_predictions_knn's ef)
 STR = h5py.string_dtype()
@@ -129,6 +131,7 @@ class Reference:
         holdout
             Share of cells kept out of the index to judge novelty by neighbours (at most 5,000 cells).
         """
+        check_setting("holdout", holdout, HOLDOUT_BOUNDS, HOLDOUT_SHARE)
         items = list(data) if isinstance(data, (list, tuple)) else [data]
         keep_obs = [keep_obs] if isinstance(keep_obs, str) else list(keep_obs)
         parts = [_embedded_cells(item, annotator, label_key, keep_obs, read, f"reference {i + 1}/{len(items)}", progress) for i, item in enumerate(items)]
@@ -190,10 +193,7 @@ class Reference:
     def save(self, path, overwrite: bool = False) -> str:
         """Write the reference folder (`*.sclref`) whole, or leave what was there."""
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise SclError(f"{path} exists; choose another --out or add --overwrite.", "out")
-        if path.exists() and not (path / CARD).exists():
-            raise SclError(f"{path} is not a reference folder; scl will not replace it.", "out")
+        check_out(path, overwrite)
         with atomic_folder(path) as tmp:
             card = dict(self.card, index=self.index.save(tmp))
             with h5py.File(os.path.join(tmp, CELLS), "w") as f:
@@ -299,6 +299,15 @@ class Reference:
         """What a run's report says of the reference."""
         return {"path": self.path, "cells": len(self), "labels": len(self.labels), "index": self.card["index"] or {"kind": self.index.kind},
                 "held_out_cells": self.card["holdout"]["cells"], "model": self.card["model"]["path"]}
+
+
+def check_out(path, overwrite: bool) -> None:
+    """Where a reference may be written: nowhere taken unless overwrite, and never over a folder that is not one."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SclError(f"{path} exists; choose another --out or add --overwrite.", "out")
+    if path.exists() and not (path / CARD).exists():
+        raise SclError(f"{path} is not a reference folder; scl will not replace it.", "out")
 
 
 def _embedded_cells(item, annotator, label_key: str, keep_obs: list[str], read, desc: str, progress: bool) -> tuple[dict, dict]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from pathlib import Path
 
 import click
 
 from .cli_errors import reports_input_errors
-from .errors import SclError
 from .reference import DEFAULT_K, HOLDOUT_SHARE
 
 
@@ -47,12 +45,9 @@ def build(inputs, model, label_key, keep_obs, out, index, min_genes, holdout, ov
     """Embed the labelled cells of INPUTS (.h5ad or .zarr) with MODEL and index them."""
     from .annotator import Annotator
     from .expression import ReadOptions
-    from .reference import Reference
+    from .reference import Reference, check_out
 
-    if not 0 <= holdout < 1:
-        raise SclError(f"--holdout {holdout:g}: give a share in [0, 1).")
-    if Path(out).exists() and not overwrite:
-        raise SclError(f"{out} exists; choose another --out or add --overwrite.", "out")
+    check_out(out, overwrite)  # before minutes of embedding, not after
     annotator = Annotator(model)
     keep = [c for c in keep_obs.split(",") if c]
     reference = Reference.build(list(inputs), annotator, label_key, keep, index, holdout, progress=not quiet, read=ReadOptions(min_genes=min_genes))
