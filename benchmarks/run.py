@@ -144,11 +144,11 @@ def bare_onnxruntime(path, blocks, lognorm_input: bool = False, provider: str = 
     return max(rates)
 
 
-def annotate_cli(h5ad: str, model: Path, out_dir: Path, device: str = "cpu") -> dict:
-    """scl-annotate in its own process; its report's cells/s and the process's peak RSS."""
+def annotate_cli(h5ad: str, model: Path, out_dir: Path, device: str = "cpu", extra=()) -> dict:
+    """scl-annotate in its own process (`extra`: more of its options); its report's cells/s and the process's peak RSS."""
     report = out_dir / "report.json"
     cmd = [str(Path(sys.executable).parent / "scl-annotate"), h5ad, "--model", str(model), "--output", str(out_dir / "calls.csv"), "--quiet",
-           "--report", str(report), "--device", device]
+           "--report", str(report), "--device", device, *extra]
     probe = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)

@@ -42,6 +42,8 @@ CARD, CELLS = "reference.json", "cells.h5"
 HOLDOUT_SHARE, HOLDOUT_MAX = 0.05, 5000  # cells kept out of the index to judge novelty: 5%, at most 5,000
 HOLDOUT_BOUNDS = Bounds(0, 1, high_open=True, words="a share in [0, 1)")
 DEFAULT_K = 50  # SCimilarity's CellAnnotation default
+WEIGHTINGS = ("distance", "uniform")  # each neighbour adds 1/distance (SCimilarity's vote) or 1 to its label
+DEFAULT_WEIGHTING = "distance"
 DEFAULT_SCIMILARITY_EF = 100  # ... and its search breadth (get_predictions_knn's ef)
 STR = h5py.string_dtype()
 
@@ -272,16 +274,20 @@ class Reference:
         return [c for c in KNN_COLUMNS if given.get(c.name, True)]
 
     def calls(self, embedding: np.ndarray, k: int = DEFAULT_K, alpha: float = NOVELTY_ALPHA, head_labels: np.ndarray | None = None,
-              labels_kept: np.ndarray | None = None) -> dict[str, np.ndarray]:
+              labels_kept: np.ndarray | None = None, weighting: str = DEFAULT_WEIGHTING) -> dict[str, np.ndarray]:
         """The KNN_COLUMNS of embedded cells: SCimilarity's vote, where each of the k nearest reference cells adds
-        1/distance to its label. `head_labels`: the head's most probable type per cell (names), for knn_agrees;
-        `labels_kept` (bool per label): only cells of those labels vote."""
+        1/distance to its label (`weighting="uniform"`: 1). `head_labels`: the head's most probable type per cell
+        (names), for knn_agrees; `labels_kept` (bool per label): only cells of those labels vote."""
+        if weighting not in WEIGHTINGS:
+            raise SclError(f"weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}.")
         rows, distances = self.search(embedding, k, labels_kept)
         n, n_labels = len(rows), len(self.labels)
-        weights = 1.0 / np.maximum(distances, 1e-6)
-        cells = np.repeat(np.arange(n), rows.shape[1])
-        scores = np.bincount(cells * n_labels + self.cells.labels[rows].ravel(), weights.ravel(), minlength=n * n_labels).reshape(n, n_labels)
-        order = np.argsort(-scores, axis=1, kind="stable")
+        weights = 1.0 / np.maximum(distances, 1e-6) if weighting == "distance" else np.ones_like(distances)
+        slot = np.repeat(np.arange(n), rows.shape[1]) * n_labels + self.cells.labels[rows].ravel()  # (cell, label) of each neighbour
+        scores = np.bincount(slot, weights.ravel(), minlength=n * n_labels).reshape(n, n_labels)
+        first = np.full(n * n_labels, rows.shape[1], dtype=np.int64)  # ties go to the label of the nearer cell, as Counter.most_common
+        np.minimum.at(first, slot, np.tile(np.arange(rows.shape[1]), n))
+        order = np.lexsort((first.reshape(n, n_labels), -scores), axis=1)
         best, second = order[:, 0], order[:, 1] if n_labels > 1 else order[:, 0]
         at = np.arange(n)
         names = np.array(self.labels + [""], dtype=object)

@@ -286,24 +286,27 @@ def test_restricting_to_two_labels_never_yields_a_third_from_the_head_or_the_nei
         assert code == 1 and len(stderr.strip().splitlines()) == 1 and words in stderr, stderr
 
 
-def test_the_vote_is_scimilarity_s_weighted_vote_computed_by_a_plain_loop(annotator, small_data, reference_dir):
-    """knn_label, knn_share, knn_second_label and knn_min_dist against SCimilarity's get_predictions_knn(weighting=True),
-    rewritten as its loop over each cell's neighbours."""
+@pytest.mark.parametrize("weighting", ["distance", "uniform"])
+def test_the_vote_is_scimilarity_s_weighted_vote_computed_by_a_plain_loop(annotator, small_data, reference_dir, weighting):
+    """knn_label, knn_share, knn_second_label and knn_min_dist against SCimilarity's get_predictions_knn (weighting=True:
+    1/distance; False: one vote each), rewritten as its loop over each cell's neighbours."""
     from collections import defaultdict
 
     reference = Reference.load(reference_dir)
     query = annotator.embed(str(small_data / "val.h5ad"), progress=False)
-    calls = reference.calls(query, 20)
+    calls = reference.calls(query, 20, weighting=weighting)
     rows, distances = reference.search(query, 20)
     for i, (neighbours, dist) in enumerate(zip(rows, distances)):
         weight = defaultdict(float)
         for n, d in zip(neighbours, dist):
-            weight[reference.labels[reference.cells.labels[n]]] += 1.0 / max(float(d), 1e-6)
+            weight[reference.labels[reference.cells.labels[n]]] += 1.0 / max(float(d), 1e-6) if weighting == "distance" else 1.0
         ranked = sorted(weight.items(), key=lambda item: -item[1])
         assert calls["knn_label"][i] == ranked[0][0]
         assert calls["knn_share"][i] == pytest.approx(ranked[0][1] / sum(weight.values()), rel=1e-4)
         assert calls["knn_second_label"][i] == (ranked[1][0] if len(ranked) > 1 else "")
         assert calls["knn_min_dist"][i] == pytest.approx(dist.min(), abs=1e-6)
+    with pytest.raises(SclError, match="weighting 'votes': choose one of distance, uniform"):
+        reference.calls(query, 20, weighting="votes")
 
 
 def test_the_cells_held_out_for_novelty_do_not_depend_on_the_files_order(annotator, small_data, tmp_path):
