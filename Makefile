@@ -11,7 +11,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,train,serve,voting,zarr,reference,dev,bench,docs]"
+	$(BIN)/pip install -q -e ".[cpu,train,serve,voting,zarr,reference,dask,dev,bench,docs]"
 
 test:
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import on_dask
 from .bounds import Bounds, check_setting
 from .cli_errors import reports_input_errors
 from .errors import SclError
@@ -107,6 +109,7 @@ def print_summary(report) -> None:
   scl-annotate 'data/*.h5ad' --model model.onnx --output-dir out --shard 3/16 --report run.json
   scl-annotate cells.h5ad --model demo_out/model.onnx --over-clustering leiden   # vote per Leiden cluster
   scl-annotate cells.h5ad --model demo_out/model.onnx --reference atlas.sclref -k 50   # + knn_label
+  scl-annotate atlas.h5ad --model model.int8.onnx --dask local:8   # 8 worker processes, one output in cell order
 
 Outputs: obs columns scl_label, scl_confidence, scl_second_label, scl_second_probability,
 scl_novelty (cosine distance to the label's training centroid), scl_novelty_p, scl_genes_detected,
@@ -154,11 +157,13 @@ auto labels them unassigned.
 @click.option("--csc-memory-limit", default=DEFAULT_CSC_LIMIT_BYTES / 1024**3, show_default=True, help="GiB a CSC matrix may take to read by cells.")
 @click.option("--batch-size", default=256, show_default=True, help="Cells per block (256 measured fastest on a 2-core CPU).")
 @click.option("--shard", help="K/N: take every N-th input starting at K (0-based), for array jobs.")
+@click.option("--dask", "dask_at", metavar="local:N|ADDRESS", help="Annotate on a dask cluster: local:N starts N worker processes here, "
+              "or give a scheduler's address (tcp://host:8786). Each worker reads its own cells of the .h5ad/zarr input (needs scl[dask]).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run's summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_input_errors
 def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, min_cell_genes, max_novelty, alpha, majority_voting, over_clustering, min_share,
-         reference, k, restrict_to, exclude, device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, report, quiet):
+         reference, k, restrict_to, exclude, device, threads, matrix, gene_column, input_kind, genes_as_rows, min_genes, csc_memory_limit, batch_size, shard, dask_at, report, quiet):
     """Annotate cell types in INPUTS (.h5ad, .csv/.tsv, optionally .gz; globs allowed)."""
     from .file_driver import annotate_file, check_folder_writable, check_output_path
     from .annotator import AnnotateOptions, Annotator
@@ -185,10 +190,11 @@ def main(inputs, model, output, output_dir, fmt, probabilities, min_confidence, 
                        min_genes=min_genes, csc_limit_bytes=int(csc_memory_limit * 1024**3), batch_size=batch_size)
     annotator.rules(options)  # a bad --max-novelty or --alpha, or one the model cannot serve, fails before any file
     reports = []
-    for path, out in zip(paths, outputs):
-        reports.append(annotate_file(path, out, annotator, read, options, probabilities))
-        if not quiet:
-            print_summary(reports[-1])
+    with on_dask.connect(dask_at) if dask_at else contextlib.nullcontext() as client:
+        for path, out in zip(paths, outputs):
+            reports.append(annotate_file(path, out, annotator, read, options, probabilities, client))
+            if not quiet:
+                print_summary(reports[-1])
     if report:
         from .atomic import atomic_path
 

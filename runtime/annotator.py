@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import voting
+from . import on_dask, voting
 from .bounds import AT_LEAST_ONE, ERROR_RATE, NOT_NEGATIVE_WHOLE, PROBABILITY, SHARE_OF_CELLS, Bounds, check_bounds, check_setting
 from .calls import NOVELTY_ALPHA, CallRules, columns_for, default_min_cell_genes, kept_labels
 from .errors import SclError
@@ -229,8 +229,10 @@ class Annotator:
         ----------
         data
             AnnData (counts found as scl-annotate finds them: layers['counts'], else raw, else X), numpy array,
-            scipy sparse matrix (CSR is read in place; others are converted once) or pandas DataFrame, cells as rows.
-            Backed AnnData is read from its file block by block.
+            scipy sparse matrix (CSR is read in place; others are converted once), dask array (CSR or dense row
+            chunks, as `anndata.experimental.read_lazy` gives) or pandas DataFrame, cells as rows. Backed AnnData is
+            read from its file block by block; a dask array one row chunk at a time, or, with a dask.distributed
+            `Client` active, each chunk annotated on the cluster's workers (results gathered here, in order).
         genes, cell_ids
             Gene names (symbols or Ensembl IDs) and cell ids for a bare matrix.
         layer, use_raw
@@ -289,7 +291,9 @@ class Annotator:
             clusters = voting.given_clusters(over_clustering, data, source)
             pipeline = Pipeline(self, options, source.alignment.matched)
             sink = ResultSink(source.n_cells, self.classes, pipeline.columns)
-            pipeline.run(source, sink, clusters, started=started)
+            client = on_dask.active_client() if getattr(source.matrix, "is_dask", False) else None
+            blocks = None if client is None else on_dask.array_blocks(client, self, source, options)  # each row chunk on the cluster
+            pipeline.run(source, sink, clusters, started=started, blocks=blocks)
         return sink.result
 
     def embed(self, data, genes=None, cell_ids=None, *, layer: str | None = None, use_raw: bool | None = None, gene_column: str | None = None,

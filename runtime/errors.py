@@ -27,6 +27,9 @@ class SclError(ValueError):
     def __str__(self) -> str:
         return self.with_options(str)
 
+    def __reduce__(self):  # raised on a dask worker, it reaches the caller whole: message and options
+        return self.__class__, (self.message, *self.options)
+
     def with_options(self, spell) -> str:
         """The message and the settings that fix it, each spelled by `spell` (the CLI's: name -> --flag-name)."""
         if not self.options:

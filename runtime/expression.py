@@ -39,6 +39,8 @@ class ReadOptions:
     csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES
     batch_size: int = 256  # cells per block (measured fastest on 2 cores; scl-annotate --batch-size)
     cell_names: np.ndarray | None = None  # h5ad: only these cells (obs names), in this order, as a backed AnnData view holds them
+    rows: tuple[int, int] | None = None  # h5ad/zarr: only cells start..stop-1 (one dask task's share of a file)
+    check_kind: bool = False  # input_kind was judged elsewhere (on the input's first block): check it on every block here too
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"batch_size": AT_LEAST_ONE, "min_genes": NOT_NEGATIVE_WHOLE, "csc_limit_bytes": AT_LEAST_ONE}
 
@@ -58,7 +60,7 @@ def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix | Tenx
         if not _is_zarr(path):
             raise SclError(f"{path}: a folder without matrix.mtx, so neither a 10x MTX folder (matrix.mtx, features.tsv, barcodes.tsv, "
                            "each optionally .gz) nor a zarr store; name an .h5ad, a 10x .h5 or a CSV/TSV file, or convert the data to .h5ad with anndata.")
-        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=open_zarr(path))
+        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=open_zarr(path), rows=options.rows)
     file = open_h5ad(path)
     try:
         if is_tenx_h5(file):
@@ -66,7 +68,7 @@ def open_matrix(path: str, options: ReadOptions) -> H5adFile | TextMatrix | Tenx
         if isinstance(file.get("matrix"), h5py.Dataset) and "row_attrs" in file:
             raise SclError(f"{path}: a loom file, which scl does not read; convert it once to .h5ad: "
                            f"python -c \"import anndata; anndata.read_loom('{path}').write_h5ad('{_stem(path)}.h5ad')\".")
-        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=file)
+        return H5adFile(path, options.matrix, options.csc_limit_bytes, options.cell_names, file=file, rows=options.rows)
     except BaseException:
         file.close()
         raise
@@ -118,11 +120,11 @@ class ExpressionSource:
         self._peeked = (first, stream)  # the first block is read and checked once: to judge the input, then to annotate
         check_values(first[1], self.path, first[0])
         self._values_checked = first[1]
-        self.kind_checked = opts.input_kind == "auto"  # a kind judged on the first block is checked on every block
+        self.kind_checked = opts.input_kind == "auto" or opts.check_kind  # a kind judged on the first block is checked on every block
         if opts.input_kind == "auto":
             self.input_kind, self.kind_evidence = detect_input_kind(first[1], self.path)
         else:
-            self.input_kind, self.kind_evidence = opts.input_kind, "as stated by the caller"
+            self.input_kind, self.kind_evidence = opts.input_kind, "judged on the input's first block" if opts.check_kind else "as stated by the caller"
         self.alignment: GeneAlignment = align_genes(
             self.gene_symbols, model_genes, opts.min_genes, sum_duplicates=self.input_kind == "counts", source=self.path
         )

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import voting
+from . import on_dask, voting
 from .annotator import AnnotateOptions, Annotator
 from .atomic import atomic_path
 from .cli_errors import raise_if_stopped
@@ -109,8 +109,10 @@ class FileSink:
 
 
 def annotate_file(input_path: str, output: str, annotator: Annotator, read: ReadOptions, options: AnnotateOptions,
-                  probabilities: bool = False) -> RunReport:
+                  probabilities: bool = False, client=None, task_cells: int | None = None) -> RunReport:
     """Annotate one file into one output (.csv or .h5ad), written to a temporary file and renamed at the end.
+    `client`: a dask.distributed Client whose workers read and annotate the file's cells, `task_cells` at a time
+    (default on_dask.TASK_CELLS).
 
     Examples
     --------
@@ -130,9 +132,10 @@ def annotate_file(input_path: str, output: str, annotator: Annotator, read: Read
             with atomic_path(output, suffix=Path(output).suffix) as tmp:
                 clusters = voting.given_clusters(options.over_clustering, None, source)
                 pipeline = Pipeline(annotator, options, source.alignment.matched)
+                blocks = None if client is None else on_dask.file_blocks(client, annotator, source, options, task_cells)  # checked before writing
                 writer = open_writer(tmp, output, source, annotator, pipeline.columns, probabilities)
                 sink = FileSink(writer, output, source.n_cells, bytes_per_cell(annotator, output, probabilities))
-                return pipeline.run(source, sink, clusters, desc=Path(input_path).name, started=started)
+                return pipeline.run(source, sink, clusters, desc=Path(input_path).name, started=started, blocks=blocks)
         except OSError as err:  # the disk filled while writing (another writer took the space)
             if err.errno == errno.ENOSPC or "No space left" in str(err):
                 raise disk_full(Path(output).parent, needed) from None

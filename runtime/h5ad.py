@@ -256,7 +256,7 @@ class H5adFile:
     names, its cell ids."""
 
     def __init__(self, path: str, matrix: str = "auto", csc_limit_bytes: int = DEFAULT_CSC_LIMIT_BYTES, cell_names=None,
-                 file=None):
+                 file=None, rows: tuple[int, int] | None = None):
         self.path = path
         self.file = file if file is not None else open_h5ad(path)
         self.is_hdf5 = isinstance(self.file, h5py.File)
@@ -282,6 +282,13 @@ class H5adFile:
         self.positions = None if cell_names is None else self._positions(np.asarray(cell_names, dtype=str))
         if self.positions is not None:
             self.cell_ids = self.cell_ids[self.positions]
+        self.first_row = 0
+        if rows is not None:
+            start, stop = rows
+            if cell_names is not None or not 0 <= start < stop <= n_obs:
+                self.close()
+                raise SclError(f"{path}: rows {start}..{stop} of {n_obs:,} cells cannot be read; give 0 <= start < stop <= cells, without a view.")
+            self.first_row, self.cell_ids = start, self.cell_ids[start:stop]
 
     def _positions(self, names: np.ndarray) -> np.ndarray:
         """Where the named cells (a backed view's obs names) are in the file's obs."""
@@ -312,7 +319,8 @@ class H5adFile:
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""
         for start, stop in row_ranges(len(self.cell_ids), size):
-            rows = self.matrix.rows(start, stop) if self.positions is None else self.matrix.rows_at(self.positions[start:stop])
+            at = self.first_row
+            rows = self.matrix.rows(at + start, at + stop) if self.positions is None else self.matrix.rows_at(self.positions[start:stop])
             yield self.cell_ids[start:stop], rows
 
     def obs_column(self, key: str) -> np.ndarray:

@@ -1,18 +1,24 @@
-"""Cells already in memory (AnnData, numpy, scipy sparse, pandas), served in blocks like a file.
+"""Cells already in memory (AnnData, numpy, scipy sparse, pandas) or lazy (dask arrays, as anndata's read_lazy gives),
+served in blocks like a file.
 
 The same interface as H5adFile and TextMatrix (var_names, var_columns, cell_ids, blocks), so in-memory data goes
 through the same checks, alignment and normalisation as files. Nothing is made dense whole: blocks of CSR rows are
-views into the caller's arrays; a CSC matrix is converted to CSR once (a copy the size of the matrix).
-Neither anndata nor pandas is imported unless the caller's data is of their types.
+views into the caller's arrays; a CSC matrix is converted to CSR once (a copy the size of the matrix); a dask array is
+computed one row chunk at a time (on a dask.distributed cluster, on_dask.py runs the chunks there instead).
+Neither anndata, pandas nor dask is imported unless the caller's data is of their types.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from scipy import sparse
 
 from .errors import SclError
 from .h5ad import SparseRows, chosen_matrix, row_ranges, wanted_matrix
+
+log = logging.getLogger("scl")
 
 
 def _type_name(obj) -> str:
@@ -27,11 +33,21 @@ def is_dataframe(obj) -> bool:
     return _type_name(obj).startswith("pandas.") and hasattr(obj, "columns")
 
 
+def is_dask_array(obj) -> bool:
+    return _type_name(obj).startswith("dask.array") and hasattr(obj, "chunks")
+
+
 class MemoryMatrix:
     """Rows of an in-memory matrix with its gene names and cell ids."""
 
     def __init__(self, x, genes, cell_ids=None, var_columns: dict | None = None, name: str = "matrix"):
-        if sparse.issparse(x):
+        self.is_dask = is_dask_array(x)
+        if self.is_dask:  # read chunk by chunk (blocks); every gene of a cell must be in one chunk
+            if x.ndim == 2 and x.numblocks[1] > 1:
+                log.warning("%s: a dask array chunked along genes (%d chunks) is rechunked to whole rows (x.rechunk({1: -1})); "
+                            "chunk it so once to save this step.", name, x.numblocks[1])
+                x = x.rechunk({1: -1})
+        elif sparse.issparse(x):
             x = x.tocsr() if x.format != "csr" else x  # CSC and others: one conversion, the size of the matrix
         else:
             x = np.asarray(x)  # np.matrix too: its rows would stay 2-D matrices
@@ -60,14 +76,26 @@ class MemoryMatrix:
         return np.asarray(self.var_columns[key]).astype(str).astype(object)
 
     def blocks(self, size: int):
-        """(cell ids, rows) per block of `size` cells: SparseRows views for sparse data, arrays for dense."""
-        x = self.x
-        for start, stop in row_ranges(self.n_cells, size):
-            rows = x[start:stop] if isinstance(x, np.ndarray) else SparseRows.of(x.data, x.indices, x.indptr, start, stop)
-            yield self.cell_ids[start:stop], rows
+        """(cell ids, rows) per block of `size` cells: SparseRows views for sparse data, arrays for dense; a dask
+        array's row chunks computed one at a time."""
+        if not self.is_dask:
+            yield from _blocks_of(self.x, self.cell_ids, size)
+            return
+        at = 0
+        for i in range(self.x.numblocks[0]):
+            chunk = self.x.blocks[i].compute()
+            chunk = chunk.tocsr() if sparse.issparse(chunk) else np.asarray(chunk)
+            yield from _blocks_of(chunk, self.cell_ids[at : at + chunk.shape[0]], size)
+            at += chunk.shape[0]
 
     def close(self) -> None:
         pass
+
+
+def _blocks_of(x, cell_ids, size: int):
+    for start, stop in row_ranges(x.shape[0], size):
+        rows = x[start:stop] if isinstance(x, np.ndarray) else SparseRows.of(x.data, x.indices, x.indptr, start, stop)
+        yield cell_ids[start:stop], rows
 
 
 def choose_anndata_matrix(adata, layer: str | None, use_raw: bool | None):
@@ -126,6 +154,6 @@ def memory_matrix(x, genes=None, cell_ids=None, layer=None, use_raw=None) -> Mem
         if genes is not None:
             raise SclError("a DataFrame's columns are its genes; leave genes out.", "genes")
         return from_dataframe(x)
-    if not (sparse.issparse(x) or isinstance(x, np.ndarray) or hasattr(x, "__array__")):
+    if not (sparse.issparse(x) or isinstance(x, np.ndarray) or is_dask_array(x) or hasattr(x, "__array__")):
         raise SclError(f"cannot annotate a {type(x).__name__}; give an AnnData, a numpy array, a scipy sparse matrix or a pandas DataFrame.")
     return MemoryMatrix(x, genes, cell_ids, name=type(x).__name__)

@@ -140,9 +140,11 @@ class Pipeline:
             while pending:
                 yield pending.popleft().result()
 
-    def run(self, source: ExpressionSource, sink, clusters=None, desc: str = "scl", started: float | None = None) -> RunReport:
+    def run(self, source: ExpressionSource, sink, clusters=None, desc: str = "scl", started: float | None = None, blocks=None) -> RunReport:
         """Every block of `source` into `sink`, then majority voting (when the options ask for it: over `clusters`,
-        one id per cell, else an automatic over-clustering) and the report, which the sink receives on close."""
+        one id per cell, else an automatic over-clustering) and the report, which the sink receives on close.
+        `blocks`: the AnnotatedBlocks made elsewhere, in cell order (a dask cluster's: on_dask.py); default
+        self.blocks(source)."""
         started = time.perf_counter() if started is None else started
         if self.headless and self.reference is None:
             raise SclError(f"{self.annotator.session.path} {ENCODER_ONLY}: annotate with a "
@@ -151,7 +153,7 @@ class Pipeline:
         own = BlockCollector(source.n_cells) if options.voting_wanted and getattr(sink, "collector", None) is None else None
         bar = tqdm(total=source.n_cells, desc=desc, unit="cells", disable=not options.progress, leave=False)
         try:
-            for block in self.blocks(source):
+            for block in self.blocks(source) if blocks is None else blocks:
                 sink.write(block)
                 tally.add(block, self.classes)
                 if own is not None:

@@ -149,7 +149,8 @@ class AnnotationResult:
             adata = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(self.cell_ids.astype(str))))
         order = self._order_in(adata)
         previous = [obs_name(key_added, c) for c in ALL_COLUMNS if obs_name(key_added, c) in adata.obs]
-        adata.obs.drop(columns=previous, inplace=True)  # a second run under one key replaces every column of the first
+        if previous:  # a second run under one key replaces every column of the first
+            adata.obs = _without(adata.obs, previous)
         for column in self.columns:
             adata.obs[obs_name(key_added, column)] = self._series_values(column, pd, order)
         adata.obsm[embedding_key(key_added)] = self.embedding[order]
@@ -162,6 +163,13 @@ class AnnotationResult:
         counts = self.report.get("labels") or {}
         top = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:5])
         return f"AnnotationResult({len(self.cell_ids)} cells, {len(self.classes)} classes; {top})"
+
+
+def _without(obs, columns: list[str]):
+    """obs less `columns`: a DataFrame, or a lazy AnnData's (anndata's Dataset2D, over an xarray Dataset)."""
+    if hasattr(obs, "drop"):
+        return obs.drop(columns=columns)
+    return type(obs)(obs.ds.drop_vars(columns))
 
 
 class ResultSink:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import pandas as pd
+import pytest
 
 from conftest import run
 
@@ -172,5 +173,27 @@ def test_reference_accuracy_smoke_run(tmp_path, scimilarity_genes):
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(next(tmp_path.glob("*-reference-smoke.json")).read_text())["settings"].values()
     scores = [v for k, v in row.items() if k.startswith(("head", "neighbours"))]
-    assert len(scores) == 8 and all(0 <= v <= 1 for v in scores) and row["test_cells"] > 0
+    assert len(scores) == 16 and all(v is None or 0 <= v <= 1 for v in scores) and row["test_cells"] > 0  # 14 scores, 2 accuracies
+    assert 0.9 <= row["model_hnsw_recall_at_50"] <= 1 and 0.9 <= row["base_hnsw_recall_at_50"] <= 1
     assert "head + neighbours" in next(tmp_path.glob("*-reference-smoke.md")).read_text()
+
+
+def test_reference_speed_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_speed.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-reference-speed-smoke.json")).read_text())
+    assert [r["index"]["kind"] for r in result["references"].values()] == ["exact", "hnsw"]
+    assert list(result["annotate"]) == ["head", "head + reference of 3,000 cells", "head + reference of 12,000 cells"]
+    assert all(r["cells_per_second"] > 0 and r["peak_rss_mb"] > 0 for r in result["annotate"].values())
+    assert "ratio to the head alone" in next(tmp_path.glob("*-reference-speed-smoke.md")).read_text()
+
+
+def test_dask_scale_smoke_run(tmp_path):
+    pytest.importorskip("distributed")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dask_scale.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-dask-smoke.json")).read_text())
+    assert list(result["annotate"]) == ["plain scl-annotate", "--dask local:2", "--dask local:1"]
+    assert all(r["cells_per_second"] > 0 for r in result["annotate"].values())
+    assert [m["cells"] for m in result["memory"]] == [4000, 8000] and all(len(m["worker_peak_rss_mb"]) == 2 for m in result["memory"])
+    assert "Projection for 10^8 cells" in next(tmp_path.glob("*-dask-smoke.md")).read_text()
