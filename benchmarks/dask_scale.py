@@ -51,17 +51,11 @@ if __name__ == "__main__":
 
 
 def side_by_side(h5ad: str, model: Path, tmp: Path, rounds: int) -> dict:
-    from run import annotate_cli
+    """Plain scl-annotate and on LocalClusters of 2 and 1 workers, interleaved; the best of `rounds` per configuration."""
+    from run import interleaved_best
 
     configs = {"plain scl-annotate": [], "--dask local:2": ["--dask", "local:2"], "--dask local:1": ["--dask", "local:1"]}
-    best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for name, extra in configs.items():
-            got = annotate_cli(h5ad, model, tmp, extra=extra)
-            if name not in best or got["cells_per_second"] > best[name]["cells_per_second"]:
-                best[name] = got
-    plain = best["plain scl-annotate"]["cells_per_second"]
-    return {name: r | {"ratio_to_plain": round(r["cells_per_second"] / plain, 3)} for name, r in best.items()}
+    return interleaved_best(h5ad, model, tmp, configs, rounds, "ratio_to_plain")
 
 
 def worker_memory(model: Path, h5ad: str, tmp: Path, workers: int = 2) -> dict:

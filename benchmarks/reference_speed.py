@@ -77,18 +77,10 @@ def build_reference(model: Path, genes: list[str], cells: int, tmp: Path) -> dic
 
 def side_by_side(h5ad: str, model: Path, references: dict[int, dict], tmp: Path, rounds: int) -> dict:
     """scl-annotate with the head alone and with each reference, interleaved; the best of `rounds` per configuration."""
-    from run import annotate_cli
+    from run import interleaved_best
 
     configs = {"head": []} | {f"head + reference of {n:,} cells": ["--reference", r["path"], "-k", str(K)] for n, r in references.items()}
-    best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for name, extra in configs.items():
-            got = annotate_cli(h5ad, model, tmp, extra=extra)
-            keep = best.get(name)
-            if keep is None or got["cells_per_second"] > keep["cells_per_second"]:
-                best[name] = got | {"peak_rss_mb": max(got["peak_rss_mb"], keep["peak_rss_mb"] if keep else 0)}
-    head = best["head"]["cells_per_second"]
-    return {name: r | {"ratio_to_head": round(r["cells_per_second"] / head, 3)} for name, r in best.items()}
+    return interleaved_best(h5ad, model, tmp, configs, rounds, "ratio_to_head")
 
 
 def markdown(r: dict) -> str:
