@@ -18,12 +18,13 @@ import contextlib
 import logging
 import os
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import SclError
+from .pipeline import in_submission_order
 
 TASK_CELLS = 20_000  # cells per task of a file: tasks of seconds (about 4 s at 5,000 cells/s a core), few enough to schedule
 _ANNOTATORS: dict = {}  # per worker process: (model path, digest, device) -> Annotator
@@ -150,21 +151,9 @@ def joined(blocks: list):
                           np.concatenate([b.embedding for b in blocks]), np.concatenate([b.probabilities for b in blocks]))
 
 
-def in_order(client, submissions, window: int | None = None):
-    """Each task's AnnotatedBlock in submission order, with at most `window` tasks in flight (default: twice the
-    cluster's threads); the rest are cancelled if the caller stops early or a task fails."""
-    window = window or max(2, 2 * sum(client.nthreads().values()))
-    pending = deque()
-    try:
-        for submit in submissions:
-            pending.append(submit())
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        if pending:
-            client.cancel(list(pending))
+def in_flight(client) -> int:
+    """Tasks kept in flight: twice the cluster's threads, so that every worker has the next task queued."""
+    return max(2, 2 * sum(client.nthreads().values()))
 
 
 def file_blocks(client, annotator, source, options, task_cells: int | None = None):
@@ -179,7 +168,7 @@ def file_blocks(client, annotator, source, options, task_cells: int | None = Non
     job = client.scatter(make_job(annotator, options, source), broadcast=True)
     path = os.path.abspath(source.path)
     ranges = row_ranges(source.n_cells, task_cells or TASK_CELLS)
-    return in_order(client, ((lambda a=a, b=b: client.submit(annotate_cells, job, path, a, b, pure=False)) for a, b in ranges))
+    return in_submission_order((client.submit(annotate_cells, job, path, a, b, pure=False) for a, b in ranges), in_flight(client))
 
 
 def array_blocks(client, annotator, source, options):
@@ -192,4 +181,4 @@ def array_blocks(client, annotator, source, options):
         a, b = int(bounds[i]), int(bounds[i + 1])
         return client.submit(annotate_cells, job, client.compute(x.blocks[i]), a, b, ids[a:b], pure=False)
 
-    return in_order(client, ((lambda i=i: submit(i)) for i in range(x.numblocks[0])))
+    return in_submission_order((submit(i) for i in range(x.numblocks[0])), in_flight(client))

@@ -74,6 +74,23 @@ class RunTally:
             self.knn_novel += int(calls["knn_novel"].sum()) if "knn_novel" in calls else 0
 
 
+def in_submission_order(futures, in_flight: int):
+    """Each future's result in the order submitted, drawing from `futures` (a lazy iterable that submits as it goes)
+    while fewer than `in_flight` are pending; those still pending are cancelled if the consumer stops early or one
+    fails. Works for concurrent.futures (Pipeline.blocks) and dask.distributed futures (on_dask.py) alike."""
+    pending = deque()
+    try:
+        for future in futures:
+            pending.append(future)
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 class Pipeline:
     """The rules, columns and loop of one run over one source.
 
@@ -132,13 +149,7 @@ class Pipeline:
 
         workers = self.annotator.workers
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = deque()
-            for ids, raw in source.raw_blocks():
-                pending.append(pool.submit(annotate, ids, raw))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from in_submission_order((pool.submit(annotate, ids, raw) for ids, raw in source.raw_blocks()), workers + 1)
 
     def run(self, source: ExpressionSource, sink, clusters=None, desc: str = "scl", started: float | None = None, blocks=None) -> RunReport:
         """Every block of `source` into `sink`, then majority voting (when the options ask for it: over `clusters`,

@@ -94,7 +94,7 @@ MUTANTS = [
      ["tests/test_reference.py::test_restricting_to_two_labels_never_yields_a_third_from_the_head_or_the_neighbours"]),
     ("the head ignores the restriction", "runtime/pipeline.py", "cell_ids=ids)), self.rules.kept)", "cell_ids=ids)), None)",
      ["tests/test_reference.py::test_restricting_to_two_labels_never_yields_a_third_from_the_head_or_the_neighbours"]),
-    ("dask blocks drained out of order", "runtime/on_dask.py", "        while pending:\n            yield pending.popleft().result()",
+    ("dask blocks drained out of order", "runtime/pipeline.py", "        while pending:\n            yield pending.popleft().result()",
      "        while pending:\n            yield pending.pop().result()", ["tests/test_dask.py::test_a_worker_killed_mid_run_has_its_cells_run_again_and_the_output_is_whole"]),
     ("dask workers skip the judged kind's check", "runtime/on_dask.py", "check_kind=True, rows=None", "check_kind=False, rows=None",
      ["tests/test_dask.py::test_a_worker_checks_its_cells_against_the_input_kind_the_caller_judged"]),
