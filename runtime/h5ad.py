@@ -147,37 +147,44 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def read_array(elem) -> np.ndarray:
-    """One column or index of a dataframe, whatever its encoding."""
+def read_array(elem, rows: slice = slice(None)) -> np.ndarray:
+    """One column or index of a dataframe (its `rows` only), whatever its encoding."""
     kind = elem.attrs.get("encoding-type", "array")
     if kind == "categorical":
         categories = read_array(elem["categories"])
-        codes = elem["codes"][...]
+        codes = elem["codes"][rows]
         out = np.empty(len(codes), dtype=object)
         out[codes >= 0] = categories[codes[codes >= 0]]
         return out
     if kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
-        values = _decode(elem["values"][...]).astype(object)
-        values[elem["mask"][...]] = None
+        values = _decode(elem["values"][rows]).astype(object)
+        values[elem["mask"][rows]] = None
         return values
     if isinstance(elem, h5py.Dataset) and h5py.check_string_dtype(elem.dtype) is not None:
-        return np.array(elem.asstr()[()], dtype=object)
+        return np.array(elem.asstr()[rows], dtype=object)
     if is_array(elem):
-        return _decode(elem[...])
+        return _decode(elem[rows])
     raise SclError(f"{filename(elem)}: {elem.name} has encoding {kind!r}, which scl cannot read as a column.")
 
 
-def read_dataframe(group) -> tuple[np.ndarray, dict]:
-    """The index of an anndata dataframe (obs, var) and its columns, unread."""
+def array_length(elem) -> int:
+    """How many values a column or index holds, read from its shape."""
+    kind = elem.attrs.get("encoding-type", "array")
+    inner = {"categorical": "codes", "nullable-integer": "values", "nullable-boolean": "values", "nullable-string-array": "values"}.get(kind)
+    return int((elem[inner] if inner else elem).shape[0])
+
+
+def read_dataframe(group, rows: slice = slice(None)) -> tuple[np.ndarray, dict, int]:
+    """The index of an anndata dataframe (obs, var; its `rows` only), its columns unread, and its length."""
     if is_array(group):
         raise SclError(
             f"{filename(group)}: {group.name} uses the pre-0.7 anndata layout; "
             "read and save it once with a current anndata (ad.read_h5ad(f).write_h5ad(f2))."
         )
     index_name = group.attrs.get("_index", "_index")
-    index = read_array(group[index_name]).astype(str).astype(object)
+    index = read_array(group[index_name], rows).astype(str).astype(object)
     columns = {k: group[k] for k in group.keys() if k != index_name and k != "__categories"}
-    return index, columns
+    return index, columns, array_length(group[index_name])
 
 
 class Matrix:
@@ -263,16 +270,20 @@ class H5adFile:
         try:
             self.matrix_name = self._choose_matrix(matrix)
             self.matrix = Matrix(self.file[self.matrix_name], self.matrix_name, csc_limit_bytes)
-            self.cell_ids, self.obs_columns = read_dataframe(self.file["obs"])
+            if rows is not None and (cell_names is not None or not 0 <= rows[0] < rows[1] <= self.matrix.shape[0]):
+                raise SclError(f"{path}: rows {rows[0]}..{rows[1]} of {self.matrix.shape[0]:,} cells cannot be read; "
+                               "give 0 <= start < stop <= cells, without a view.")
+            # a dask task's range reads only its own ids: the whole index of 10^7 cells is gigabytes of strings
+            self.rows = slice(None) if rows is None else slice(*rows)
+            self.cell_ids, self.obs_columns, n_obs = read_dataframe(self.file["obs"], self.rows)
             var_group = self.file["raw/var"] if self.matrix_name == "raw/X" else self.file["var"]
-            self.var_names, self.var_columns = read_dataframe(var_group)
+            self.var_names, self.var_columns, n_var = read_dataframe(var_group)
         except KeyError as err:
             self.close()
             raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad or zarr store (or a 10x .h5)?") from None
         except Exception:
             self.close()
             raise
-        n_obs, n_var = len(self.cell_ids), len(self.var_names)
         if self.matrix.shape != (n_obs, n_var):
             self.close()
             raise SclError(
@@ -282,13 +293,7 @@ class H5adFile:
         self.positions = None if cell_names is None else self._positions(np.asarray(cell_names, dtype=str))
         if self.positions is not None:
             self.cell_ids = self.cell_ids[self.positions]
-        self.first_row = 0
-        if rows is not None:
-            start, stop = rows
-            if cell_names is not None or not 0 <= start < stop <= n_obs:
-                self.close()
-                raise SclError(f"{path}: rows {start}..{stop} of {n_obs:,} cells cannot be read; give 0 <= start < stop <= cells, without a view.")
-            self.first_row, self.cell_ids = start, self.cell_ids[start:stop]
+        self.first_row = 0 if rows is None else rows[0]
 
     def _positions(self, names: np.ndarray) -> np.ndarray:
         """Where the named cells (a backed view's obs names) are in the file's obs."""
@@ -328,7 +333,7 @@ class H5adFile:
             raise SclError(
                 f"{self.path}: obs has no column {key!r}; choose one of: {', '.join(sorted(self.obs_columns)) or '(none)'}."
             )
-        values = read_array(self.obs_columns[key])
+        values = read_array(self.obs_columns[key], self.rows)
         return values if self.positions is None else values[self.positions]
 
     def var_column(self, key: str) -> np.ndarray:

@@ -4,6 +4,7 @@ import gzip
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -221,3 +222,24 @@ def test_row_sums_with_empty_rows_first_between_and_last():
     values = np.array([1, 2, 3, 4, 5], np.float32)
     np.testing.assert_array_equal(_row_sums(values, np.array([0, 0, 2, 2, 5, 5, 5])), [0, 3, 0, 12, 0, 0])
     np.testing.assert_array_equal(_row_sums(values[:0], np.array([0, 0, 0])), [0, 0])
+
+
+@pytest.mark.parametrize("layout", ["csr_float32", "dense", "zarr"])
+def test_a_row_range_reads_those_cells_their_ids_and_obs_and_refuses_a_bad_range(layout, pbmc_small, scimilarity_genes, tmp_path):
+    """What each dask task reads of a file: cells start..stop-1, with their own ids and obs values only."""
+    a = LAYOUTS.get(layout, LAYOUTS["csr_float32"])(pbmc_small)
+    a.obs["batch"] = pd.Categorical(np.where(np.arange(a.n_obs) % 3 == 0, "b1", "b2"))
+    a.obs["dose"] = pd.array(np.where(np.arange(a.n_obs) % 5 == 0, None, np.arange(a.n_obs)), dtype="Int64")
+    path = tmp_path / ("cells.zarr" if layout == "zarr" else "cells.h5ad")
+    a.write_zarr(path) if layout == "zarr" else a.write_h5ad(path)
+    ids, x, _ = read_all(path, scimilarity_genes)
+    with ExpressionSource(str(path), scimilarity_genes, ReadOptions(batch_size=50, rows=(33, 101))) as src:
+        blocks = list(src.blocks())
+        batch, dose = src.matrix.obs_column("batch"), src.matrix.obs_column("dose")
+    assert list(np.concatenate([b[0] for b in blocks])) == list(ids[33:101])
+    np.testing.assert_array_equal(np.vstack([b[1] for b in blocks]), x[33:101])
+    assert list(batch) == list(a.obs["batch"].iloc[33:101])
+    assert [None if v is None else int(v) for v in dose] == [None if pd.isna(v) else int(v) for v in a.obs["dose"].iloc[33:101]]
+    for bad in [(0, a.n_obs + 1), (50, 50), (-1, 10)]:
+        with pytest.raises(SclError, match=f"rows {bad[0]}..{bad[1]} of {a.n_obs} cells cannot be read"):
+            ExpressionSource(str(path), scimilarity_genes, ReadOptions(rows=bad))
