@@ -100,8 +100,10 @@ MUTANTS = [
      ["tests/test_dask.py::test_a_worker_checks_its_cells_against_the_input_kind_the_caller_judged"]),
     ("dask workers trust any model file", "runtime/on_dask.py", "if model_digest(annotator) != job.digest:", "if False:",
      ["tests/test_dask.py::test_a_worker_refuses_a_model_file_that_is_not_the_caller_s"]),
-    ("a file's row range ignored", "runtime/h5ad.py", "self.first_row, self.cell_ids = start, self.cell_ids[start:stop]", "self.first_row = 0",
-     ["tests/test_dask.py::test_a_worker_refuses_a_model_file_that_is_not_the_caller_s"]),
+    ("a file's row range ignored", "runtime/h5ad.py", "self.first_row = 0 if rows is None else rows[0]", "self.first_row = 0",
+     ["tests/test_dask.py::test_a_worker_refuses_a_model_file_that_is_not_the_caller_s", "tests/test_readers.py::test_a_row_range_reads_those_cells_their_ids_and_obs_and_refuses_a_bad_range"]),
+    ("a row range's obs values read whole", "runtime/h5ad.py", "values = read_array(self.obs_columns[key], self.rows)", "values = read_array(self.obs_columns[key])",
+     ["tests/test_readers.py::test_a_row_range_reads_those_cells_their_ids_and_obs_and_refuses_a_bad_range"]),
     ("the first block's values never checked", "runtime/expression.py", "        check_values(first[1], self.path, first[0])\n", "",
      ["tests/test_bad_input.py"]),
 ]
