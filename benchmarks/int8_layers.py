@@ -82,7 +82,7 @@ def one_seed(seed: int, fast: bool, tmp: Path, rounds: int) -> dict:
     paths = {"fp32": demo / "model.onnx", "every layer": tmp / f"every{seed}.onnx", "gene layer (scl-export)": tmp / f"gene{seed}.onnx"}
     quantize_every_layer(paths["fp32"], paths["every layer"])
     onnx.save(quantize_int8(paths["fp32"]), str(paths["gene layer (scl-export)"]))
-    head_norm = float(np.linalg.norm(run.head.weight.detach().numpy(), axis=1).max())
+    head_norm = run.head.max_row_norm()
     return {"seed": seed, "cells": len(counts), "head_row_norm_max": round(head_norm, 1), "variants": compare(paths, counts, rounds)}
 
 

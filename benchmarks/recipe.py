@@ -47,7 +47,7 @@ SEED_RECIPE = RECIPES["seed"]  # what scl-train --recipe seed applies
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "schedule": ["constant", "cosine"], "epochs": [20]}
 # further FinetuneConfig fields --grid may sweep, with their short names in the tables
 MORE_KEYS = {"rank": "rank", "alpha": "alpha", "head_lr": "head lr", "triplet_weight": "triplet", "recon_weight": "recon",
-             "lora_dropout": "dropout", "batch_size": "batch", "seed": "seed"}
+             "lora_dropout": "dropout", "batch_size": "batch", "seed": "seed", "head_genes": "head genes", "head_c": "head C"}
 FULL_FINETUNE_LR = 1e-4
 MIN_GENES = 1000  # the pancreas files hold 2,000 genes (the default asks 5,000 of SCimilarity's 28,231)
 SETTINGS = ("pbmc_on_tissues", "baron_to_seg", "seg_to_baron", "pbmc_same_file")
@@ -114,6 +114,7 @@ def lora_run(base_dir: Path, user: Path, new: Path, recipe: dict, out: Path, tes
     from scl.train.config import FinetuneConfig
     from scl.train.data import embed
     from scl.train.finetune import finetune
+    from scl.train.head import head_logits
     from scl.train.run_dir import load_run
 
     started = time.perf_counter()
@@ -121,8 +122,7 @@ def lora_run(base_dir: Path, user: Path, new: Path, recipe: dict, out: Path, tes
                                       **(recipe | ({"epochs": min(recipe["epochs"], 2)} if smoke else {}))), progress=False)
     seconds = time.perf_counter() - started
     run = load_run(out)
-    with torch.no_grad():
-        logits = run.head(torch.from_numpy(embed(run.model.encoder, test.x, torch.device("cpu")))).numpy()
+    logits = head_logits(run.head, embed(run.model.encoder, test.x, torch.device("cpu")), test.x)
     int8 = int8_agreement(out, new)
     shutil.rmtree(out)  # a merged model and adapters per run: gigabytes over a grid
     epochs = metrics["epochs"]
@@ -130,7 +130,7 @@ def lora_run(base_dir: Path, user: Path, new: Path, recipe: dict, out: Path, tes
             "val_macro_f1": metrics["methods"]["lora"]["macro_f1"], "epochs_run": epochs["run"], "best_epoch": epochs["best"],
             "seconds_per_epoch": seconds_per_epoch(metrics["history"]), "seconds": round(seconds, 1),
             "drift": metrics["sanity_checks"]["adapted_mean_cosine_drift_from_base"], "probe_C": metrics["methods"]["base+linear"]["fit"]["C"],
-            "head_max_row_norm": round(float(run.head.weight.detach().norm(dim=1).max()), 1), "int8_label_agreement": int8}
+            "head_max_row_norm": round(run.head.max_row_norm(), 1), "head_genes": len(run.head.gene_index), "int8_label_agreement": int8}
 
 
 def int8_agreement(run_dir: Path, new: Path) -> float | None:
@@ -156,6 +156,7 @@ def frozen_and_full(base_dir: Path, user: Path, recipe: dict, test, smoke: bool)
     from scl.train.data import embed
     from scl.train.evaluate import knn_classifier, linear_probe
     from scl.train.finetune import FullFinetuneClassifier, train_lora
+    from scl.train.head import fit_head, head_logits, marker_genes
     from scl.train.model_dir import load_model_dir
     from scl.train.roles import training_cells
 
@@ -173,9 +174,16 @@ def frozen_and_full(base_dir: Path, user: Path, recipe: dict, test, smoke: bool)
     full, history, best = train_lora(model, cells, linear_probe(z_train, y_train, embed(model.encoder, val.x, cpu), len(classes)),
                                      config.loss, config, cpu, False, classifier=FullFinetuneClassifier)
     seconds = time.perf_counter() - started
+    genes = marker_genes(train.x, y_train, FinetuneConfig.head_genes, config.seed)  # scl-train's default head, on other inputs
+    genes_head = lambda z_fit, z_test: macro_f1(test.labels, names[head_logits(fit_head(z_fit, train.x, y_train, len(classes), genes, FinetuneConfig.head_c,
+                                                                                          config.seed), z_test, test.x).argmax(1)])
+    z_full = embed(full.encoder, test.x, cpu)
     return {"probe": {"macro_f1": macro_f1(test.labels, names[probe.probabilities.argmax(1)]), "C": probe.fit["C"]},
             "knn": {"macro_f1": macro_f1(test.labels, names[knn.argmax(1)]), "k": config.knn_neighbors},
-            "full_finetune": {"macro_f1": macro_f1(test.labels, names[full.probabilities(embed(full.encoder, test.x, cpu), cpu).argmax(1)]),
+            "genes_only": {"macro_f1": genes_head(np.zeros((len(train), 0), np.float32), np.zeros((len(test), 0), np.float32)), "genes": int(len(genes))},
+            "frozen_with_genes": {"macro_f1": genes_head(z_train, z_test)},
+            "full_finetune": {"macro_f1": macro_f1(test.labels, names[full.probabilities(z_full, cpu).argmax(1)]),
+                              "with_genes_macro_f1": genes_head(embed(full.encoder, train.x, cpu), z_full),
                               "lr": FULL_FINETUNE_LR, "epochs_run": len(history), "best_epoch": best, "seconds": round(seconds, 1),
                               "seconds_per_epoch": seconds_per_epoch(history)}}
 
@@ -227,7 +235,12 @@ def markdown(r: dict) -> str:
             lines.append(f"| LoRA, {n} | {row['macro_f1']:.3f} | {row['epochs_run']} ({row['best_epoch']}) | {row['seconds_per_epoch']} | "
                          f"{row.get('head_max_row_norm', '')} | {pct(row.get('int8_label_agreement'))} |")
         f = s["full_finetune"]
-        lines += [f"| full fine-tuning (lr {f['lr']:g}, best LoRA schedule) | {f['macro_f1']:.3f} | {f['epochs_run']} ({f['best_epoch']}) | {f['seconds_per_epoch']} | | |",
+        lines += [f"| full fine-tuning (lr {f['lr']:g}, best LoRA schedule), its embedding head | {f['macro_f1']:.3f} | {f['epochs_run']} ({f['best_epoch']}) | {f['seconds_per_epoch']} | | |"]
+        if "genes_only" in s:
+            lines += [f"| full fine-tuning, head on its embedding + the default marker genes | {f['with_genes_macro_f1']:.3f} | | | | |",
+                      f"| frozen base, head on its embedding + the default marker genes | {s['frozen_with_genes']['macro_f1']:.3f} | | | | |",
+                      f"| the default marker genes alone ({s['genes_only']['genes']:,} genes; no encoder) | {s['genes_only']['macro_f1']:.3f} | | | | |"]
+        lines += [
                   f"| CellTypist, all genes | {s['celltypist']['all_genes']['macro_f1']:.3f} | | | | |",
                   f"| CellTypist, 300 features per class | {s['celltypist']['300_features']['macro_f1']:.3f} | | | | |", ""]
     if "choice" in r:

@@ -90,7 +90,7 @@ def scimilarity_path(h5ad: str, model_dir: str, head, genes) -> tuple[float, flo
         t = time.perf_counter()
         z = ce.get_embeddings(adata.X, buffer_size=1024)
         with torch.no_grad():
-            torch.softmax(head(torch.from_numpy(z)), dim=1)
+            torch.softmax(torch.from_numpy(z) @ head.weight.T + head.bias, dim=1)  # a linear head on SCimilarity's embedding
         timings["embed"] = time.perf_counter() - t
 
     full = rate(run, raw.n_obs)

@@ -10,17 +10,22 @@ import torch
 from scl.export.graph import AnnotationModel
 from scl.export.onnx_file import convert_fp16, export_fp32, quantize_int8, save_with_metadata
 from scl.runtime import model_metadata as meta
+from scl.train.head import CellHead
 from scl.train.model_dir import SCimilarityModel
 from scl.train.nn import Decoder, Encoder
 
 STR = h5py.string_dtype()
+HEAD_GENES = 800
 STEPS = np.array([3, 11, 13, 17, 19, 23, 29, 31])  # coprime with 28,231 = 7 * 37 * 109: no repeated gene in a cell
 
 
-def random_model(genes: list[str], n_classes: int = 10, seed: int = 0) -> tuple[SCimilarityModel, torch.nn.Linear]:
+def random_model(genes: list[str], n_classes: int = 10, seed: int = 0, head_genes: int = HEAD_GENES) -> tuple[SCimilarityModel, CellHead]:
+    """Random weights at SCimilarity's size, with a head on the embedding and `head_genes` marker genes (scl-train's
+    default head reads about 80 per class: 580 genes for the demo's 7 classes)."""
     torch.manual_seed(seed)
     encoder, decoder = Encoder(len(genes)).eval(), Decoder(len(genes)).eval()
-    head = torch.nn.Linear(128, n_classes).eval()
+    markers = torch.randperm(len(genes))[:head_genes].sort().values
+    head = CellHead(0.1 * torch.randn(n_classes, 128), torch.zeros(n_classes), markers, 0.1 * torch.randn(n_classes, len(markers)))
     return SCimilarityModel(encoder, decoder, genes, [f"type{i}" for i in range(n_classes)]), head
 
 

@@ -31,6 +31,7 @@ def metadata_values(run, run_dir: Path) -> dict:
         "cells": m["cells"],
         "validation_metrics": {k: {s: v[s] for s in ("top1", "macro_f1", "balanced_accuracy")} for k, v in m["methods"].items()},
         "lora": {k: m["config"][k] for k in ("rank", "alpha", "epochs", "loss")},
+        "head": m.get("head", {"reads": "the embedding"}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "scl_version": version("scl"),
     }
@@ -44,6 +45,8 @@ def metadata_values(run, run_dir: Path) -> dict:
         "model_card": card,
         "centroids": np.round(run.centroids, 6).tolist(),
     }
+    if len(run.head.gene_index):
+        values["head_genes"] = [run.model.gene_order[i] for i in run.head.gene_index.tolist()]
     if run.calibration is not None:
         values["calibration"] = run.calibration.to_metadata()
     if run.novelty_limits is not None:
@@ -96,7 +99,7 @@ def fp32_failure(result: dict, run) -> str:
             "(a file already at --out is left as it was)")
     if "encoder_only" in result:
         return f"the fp32 export of the encoder disagrees with torch beyond 1e-4 (embedding {result['max_abs_diff_embedding']:.1e}); nothing was written."
-    head_norm = float(run.head.weight.detach().norm(dim=1).max())
+    head_norm = run.head.max_row_norm()
     if result["max_abs_diff_embedding"] <= 1e-6 and head_norm > 1000:
         text += (f". The embeddings agree, but the head's weights are huge (row norm {head_norm:,.0f}) and magnify float32 rounding: "
                  "the base embedding is nearly collapsed; pretrain the base with a larger --triplet-weight (e.g. 0.5) or on more cells")

@@ -63,7 +63,8 @@ def print_summary(report) -> None:
     source, genes = report.input, report.input["genes"]
     click.echo(f"{source['path']} -> {report.output}")
     click.echo(f"  {report.cells:,} cells from {source['matrix']} ({source['input_kind']}: {source['input_kind_evidence']}); "
-               f"genes matched {genes['matched']:,} of {genes['model_genes']:,}, missing {genes['model_genes_missing']:,}, input genes unused {genes['input_genes_unused']:,}")
+               f"genes matched {genes['matched']:,} of {genes['model_genes']:,}, missing {genes['model_genes_missing']:,}, input genes unused {genes['input_genes_unused']:,}"
+               + (f"; the head's marker genes missing {genes['head_genes_missing']:,} of {genes['head_genes']:,}" if genes.get("head_genes") else ""))
     click.echo(f"  {report.seconds:.2f} s, {report.cells_per_second:,.0f} cells/s on {report.model['provider']}")
     novelty = report.novelty
     if novelty["novel_cells"] is not None:

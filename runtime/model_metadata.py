@@ -19,7 +19,8 @@ KEYS = ("format_version", "gene_order", "classes", "normalization", "input", "mo
 # absent in models exported before them: novelty_limits {"values": [per class], "quantile": q, "from": "..."} (models
 # exported before calibration); content_sha256 (integrity.py); calibration (conformal.Calibration.to_metadata)
 # encoder_only: true for a base model exported without a head (classes and centroids empty)
-OPTIONAL_KEYS = ("novelty_limits", "content_sha256", "calibration", "encoder_only")
+# head_genes: the marker genes the head reads beside the embedding (models whose head reads the embedding alone: none)
+OPTIONAL_KEYS = ("novelty_limits", "content_sha256", "calibration", "encoder_only", "head_genes")
 
 
 def encode(values: dict) -> dict[str, str]:

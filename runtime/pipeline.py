@@ -18,6 +18,7 @@ cores, while independent runs just share them. At most threads + 1 blocks are in
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -33,9 +34,11 @@ from .calls import COLUMNS, REASON_CATEGORIES, VOTING_COLUMNS, CallRules, Calls,
 from .errors import SclError
 from .expression import ExpressionSource
 from .reference import as_reference
-from .run_report import RunReport, neighbours_report, novelty_report, prediction_set_report, unassigned_report
+from .run_report import RunReport, head_genes_report, head_genes_warning, neighbours_report, novelty_report, prediction_set_report, unassigned_report
 from .result import BlockCollector
 from .session import ENCODER_ONLY, Prediction
+
+log = logging.getLogger("scl")
 
 
 @dataclass
@@ -161,6 +164,9 @@ class Pipeline:
             raise SclError(f"{self.annotator.session.path} {ENCODER_ONLY}: annotate with a "
                            "reference (scl-reference build), or train a head with scl-train and export the run.", "reference")
         options, tally = self.options, RunTally()
+        warning = head_genes_warning(self.head_genes(source), source.path)
+        if warning:
+            log.warning(warning)
         own = BlockCollector(source.n_cells) if options.voting_wanted and getattr(sink, "collector", None) is None else None
         bar = tqdm(total=source.n_cells, desc=desc, unit="cells", disable=not options.progress, leave=False)
         try:
@@ -184,13 +190,18 @@ class Pipeline:
             raise
         return report
 
+    def head_genes(self, source: ExpressionSource) -> dict:
+        return head_genes_report(self.annotator.session.meta.get("head_genes", []), source.alignment.missing_model_genes)
+
     def report(self, source: ExpressionSource, tally: RunTally, seconds: float, output: str | None, votes: dict | None) -> RunReport:
         """The run's summary, as scl-annotate's --report and uns['scl'] hold it."""
         annotator, options, rules = self.annotator, self.options, self.rules
         model = annotator.session.describe() | {"notes": annotator.session.notes, "parallel_blocks": annotator.workers}
         model.pop("classes")
+        described = source.describe()
+        described["genes"] |= self.head_genes(source)
         return RunReport(
-            input=source.describe(), output=output,
+            input=described, output=output,
             majority_voting=None if votes is None else voting.summary(votes, options.over_clustering, options.min_share),
             novelty=novelty_report(options, rules, tally.novel), unassigned=unassigned_report(rules, tally.reasons, source.alignment.matched),
             prediction_sets=prediction_set_report(rules, tally.set_sizes, len(self.classes)),

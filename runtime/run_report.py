@@ -42,6 +42,24 @@ class RunReport:
         return {k: v for k, v in asdict(self).items() if not (k in self.OPTIONAL and v is None)}
 
 
+HEAD_GENES_WARN_SHARE = 0.1  # missing marker genes above this share of the head's are named in a warning
+
+
+def head_genes_report(head_genes: list[str], missing_model_genes: list[str], examples: int = 20) -> dict:
+    """How many of the marker genes the head reads (model metadata head_genes) this input lacks: they read as 0, which
+    moves the head's logits as a cell that does not express them would."""
+    missing = sorted(set(head_genes).intersection(missing_model_genes))
+    return {"head_genes": len(head_genes), "head_genes_missing": len(missing), "examples_head_genes_missing": missing[:examples]}
+
+
+def head_genes_warning(report: dict, path: str) -> str | None:
+    if not report["head_genes"] or report["head_genes_missing"] <= HEAD_GENES_WARN_SHARE * report["head_genes"]:
+        return None
+    return (f"warning: {path} lacks {report['head_genes_missing']:,} of the {report['head_genes']:,} marker genes the model's head reads "
+            f"(e.g. {', '.join(report['examples_head_genes_missing'][:5])}): they count as not expressed, so labels that rely on them are less "
+            "reliable; check the gene names (symbols or Ensembl ids) or annotate files that measure them.")
+
+
 def percent(share: float, alpha: float) -> str:
     """A share as a percentage with the digits alpha needs: 99.9% at alpha 0.001, not a rounded 100%."""
     digits = max(0, math.ceil(-math.log10(min(alpha, 1 - alpha))) - 2)

@@ -49,7 +49,7 @@ def test_labels_match_torch_and_the_h5ad_output_opens_in_anndata(exported, run_d
     with ExpressionSource(str(val), trained.model.gene_order) as src:
         x = np.vstack([b for _, b in src.blocks()])
     with torch.no_grad():
-        torch_labels = trained.head(trained.model.encoder(torch.from_numpy(x))).argmax(1).numpy()
+        torch_labels = trained.head(trained.model.encoder(torch.from_numpy(x)), torch.from_numpy(x)).argmax(1).numpy()
     assert list(out.obs["scl_label"]) == [trained.classes[i] for i in torch_labels]
     assert (out.obs["scl_label"] != out.obs["scl_second_label"]).all()
     assert (out.obs["scl_confidence"] >= out.obs["scl_second_probability"]).all()

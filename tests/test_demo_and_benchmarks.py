@@ -112,7 +112,7 @@ def test_int8_layers_smoke_run(tmp_path, scimilarity_genes):
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = json.loads(next(tmp_path.glob("*-int8-layers-smoke.json")).read_text())["runs"]
     variants = run["variants"]
-    assert [v["int8_matrix_products"] for v in variants.values()] == [0, 4, 1]  # fp32; every layer; the gene-wide layer
+    assert [v["int8_matrix_products"] for v in variants.values()] == [0, 5, 1]  # fp32; every layer (3 encoder, the head's 2); the gene-wide layer
     assert variants["fp32"]["label_agreement"] == 1.0 and all(0.5 < v["label_agreement"] <= 1 and v["speed_vs_fp32"] > 0 for v in variants.values())
     assert "gene layer (scl-export)" in next(tmp_path.glob("*-int8-layers-smoke.md")).read_text()
 
@@ -131,10 +131,29 @@ def test_recipe_smoke_run(tmp_path, scimilarity_genes):
                   s["celltypist"]["all_genes"]["macro_f1"], s["celltypist"]["300_features"]["macro_f1"]]
         assert all(0 <= f <= 1 for f in scores) and s["test_cells"] > 0
         assert all(r["head_max_row_norm"] > 0 for r in s["lora"].values())
+        # the default head reads marker genes, the seed's the embedding alone; the same genes beside other encoders and alone
+        assert [r["head_genes"] > 0 for r in s["lora"].values()] == [False, True, True]
+        assert all(0 <= f <= 1 for f in (s["genes_only"]["macro_f1"], s["frozen_with_genes"]["macro_f1"], s["full_finetune"]["with_genes_macro_f1"]))
+        assert s["genes_only"]["genes"] > 0
         assert s["celltypist"]["300_features"]["features"] < s["celltypist"]["all_genes"]["features"]  # feature selection ran
     assert all(0 < r["int8_label_agreement"] <= 1 for r in result["settings"]["pbmc_on_tissues"]["lora"].values())
     assert result["choice"]["chosen"] in result["settings"]["pbmc_on_tissues"]["lora"]
     assert "CellTypist, 300 features per class" in next(tmp_path.glob("*-recipe-smoke.md")).read_text()
+
+
+def test_head_genes_smoke_run(tmp_path, scimilarity_genes):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "head_genes.py"), "--smoke", "--settings", "seg_to_baron", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*-head-genes-smoke.json")).read_text())
+    (s,) = result["settings"].values()
+    assert len(s["embedding_only"]) == 6 and all(0 <= f <= 1 for f in s["embedding_only"].values())
+    for feature in ("fine-tuned embedding + genes", "genes only", "frozen embedding + genes"):
+        for per_class, scores in s["macro_f1"][feature].items():
+            assert len(scores) == 6 and all(0 <= f <= 1 for f in scores.values())
+            assert s["validation_choice"][feature][per_class]["macro_f1"] in scores.values()
+    assert [v["genes"] for v in s["selection"].values()] == sorted(v["genes"] for v in s["selection"].values())  # more per class, more genes
+    assert result["choice"]["genes_per_class"] in (50, 100, 300) and "Default chosen" in next(tmp_path.glob("*-head-genes-smoke.md")).read_text()
 
 
 def test_probe_range_smoke_run(tmp_path, scimilarity_genes):

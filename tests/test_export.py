@@ -56,8 +56,9 @@ def test_graph_inputs_outputs_and_dynamic_batch(exported, run_dir):
             t_probs, t_emb = module(torch.from_numpy(counts), torch.zeros(1))
         assert probs.shape == (n, 7) and emb.shape == (n, 16)
         np.testing.assert_allclose(probs, t_probs.numpy(), atol=1e-5)
-        with torch.no_grad():  # calibrated: softmax(head(embedding) / T), T from the run's calibration
-            calibrated = torch.softmax(trained.head(torch.from_numpy(emb)) / temperature, dim=1).numpy()
+        lognorm = torch.log1p(torch.from_numpy(counts) * 1e4 / torch.from_numpy(counts).sum(1, keepdim=True).clamp_min(1e-12))
+        with torch.no_grad():  # calibrated: softmax(head(embedding, marker genes' log1p) / T), T from the run's calibration
+            calibrated = torch.softmax(trained.head(torch.from_numpy(emb), lognorm) / temperature, dim=1).numpy()
         np.testing.assert_allclose(probs, calibrated, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 

@@ -57,12 +57,16 @@ def test_run_dir_has_every_artifact_and_report(run_dir):
                  "metrics.json", "report.md", "confusion_lora.png", "confusion_base_linear.png", "confused_pairs_lora.csv"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"base+linear", "base+knn", "lora"}
-    for m in metrics["methods"].values():
+    assert set(metrics["methods"]) == {"base+linear", "base+knn", "genes", "lora-embedding", "lora"}
+    for name, m in metrics["methods"].items():
         # 7 balanced classes: chance is 0.14; this tiny 2-epoch model measured 0.51 (k-NN) to 0.61 (probe, LoRA)
         assert 0.35 <= m["macro_f1"] <= 1 and m["top3"] >= m["top1"]
         assert len(m["per_class"]) == 7 and np.array(m["confusion_matrix"]).sum() == 70
-        assert m["reconstruction_mse"] > 0 and m["batch_hard_triplet"] >= 0
+        if name not in ("genes", "lora-embedding"):  # the embedding's own measures
+            assert m["reconstruction_mse"] > 0 and m["batch_hard_triplet"] >= 0
+    head, state = metrics["head"], torch.load(run_dir / "head.pt", weights_only=True)
+    assert head["genes_per_class"] == FinetuneConfig.head_genes and head["genes"] == len(state["gene_index"]) == state["gene_weight"].shape[1]
+    assert FinetuneConfig.head_genes <= head["genes"] <= 7 * FinetuneConfig.head_genes and set(head["strongest_genes"]) == set(json.loads((run_dir / "classes.json").read_text()))
     assert metrics["methods"]["base+linear"]["fit"]["converged"]
     assert set(metrics["ablation"]) == {"ce", "ce+triplet+recon"}
     f = metrics["forgetting"]
@@ -209,7 +213,7 @@ def test_confusion_matrices_say_what_they_show(run_dir, tmp_path, monkeypatch):
     shutil.copytree(run_dir, tmp_path / "run")
     report.write_report(tmp_path / "run", metrics)
     lora = metrics["methods"]["lora"]["macro_f1"]
-    assert f"lora: val.h5ad, 70 cells, macro-F1 {lora:.3f}" in titles and len(titles) == 3
+    assert f"lora: val.h5ad, 70 cells, macro-F1 {lora:.3f}" in titles and len(titles) == len(metrics["methods"]) == 5
 
 
 TWICE = """

@@ -32,6 +32,7 @@ from .config import LOSSES, SCHEDULES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled
 from .device import autocast, resolve_device, seed_everything
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
+from .head import CellHead, fit_head, head_logits, lora_trained_head, marker_genes
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
 from .model_dir import SCimilarityModel, load_model_dir
 from .centroids import class_centroids, unit
@@ -231,11 +232,16 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     out_dir = prepare_run_dir(config.out)
     model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
     merged, checks, z_val = sanity_checks(model, base, val, device)
-    methods["lora"] = classification_metrics(y_val, model.probabilities(z_val, device), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     z_train = embed(merged, train.x, device)
+    head, head_summary = shipped_head(model, z_train, cells, config, base.gene_order)
+    methods["lora"] = classification_metrics(y_val, softmax(head_logits(head, z_val, val.x)), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
+    if config.head_genes:  # what the genes add, and what they do without the encoder
+        methods["lora-embedding"] = classification_metrics(y_val, model.probabilities(z_val, device), classes)
+        genes_only = fit_head(np.zeros((len(train), 0), np.float32), train.x, y_train, len(classes), head.gene_index.numpy(), config.head_c, config.seed)
+        methods["genes"] = classification_metrics(y_val, softmax(head_logits(genes_only, np.zeros((len(val), 0), np.float32), val.x)), classes)
     centroids = class_centroids(z_train, y_train, len(classes))
-    calibration, calibration_metrics = calibrate_run(model, merged, centroids, cells, config, device)
-    calibration_metrics["novel_share"] = {"validation": novelty_shares(model, calibration, centroids, z_val, device)}
+    calibration, calibration_metrics = calibrate_run(head, merged, centroids, cells, config, device)
+    calibration_metrics["novel_share"] = {"validation": novelty_shares(head, calibration, centroids, z_val, val.x)}
 
     metrics = {
         "config": config.to_dict(),
@@ -247,6 +253,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         "epochs": {"max": config.epochs, "run": len(history), "best": best_epoch, "patience": config.patience},
         "validation": cells.validation_summary,
         "history": history,
+        "head": head_summary,
         "sanity_checks": checks,
         "methods": methods,
         "calibration": calibration_metrics,
@@ -257,22 +264,41 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     if ablation:
         metrics["ablation"] = ablation_rows(results, y_val, val, classes, config.margin, device)
     if config.forgetting_data:
-        metrics["forgetting"], z_other = forgetting(config, base, merged, device)
-        calibration_metrics["novel_share"]["forgetting_data"] = novelty_shares(model, calibration, centroids, z_other, device)
+        metrics["forgetting"], z_other, other = forgetting(config, base, merged, device)
+        calibration_metrics["novel_share"]["forgetting_data"] = novelty_shares(head, calibration, centroids, z_other, other.x)
     tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
-    write_run(out_dir, tuned, model.head.cpu(), centroids, calibration, metrics)
+    write_run(out_dir, tuned, head, centroids, calibration, metrics)
     return metrics
 
 
-def calibrate_run(model: EncoderClassifier, merged, centroids: np.ndarray, cells: TrainingCells, config: FinetuneConfig,
+def shipped_head(model: EncoderClassifier, z_train: np.ndarray, cells: TrainingCells, config: FinetuneConfig, gene_order: list[str]) -> tuple[CellHead, dict]:
+    """The head scl-train writes: a logistic regression on the fine-tuned embedding and the marker genes of the
+    training cells (train/head.py), or with head_genes=0 the head LoRA trained on the embedding alone."""
+    if not config.head_genes:
+        return lora_trained_head(model.head), {"reads": "the embedding", "genes": 0, "trained": "with LoRA (the epoch validation chose)"}
+    started = time.perf_counter()
+    genes = marker_genes(cells.train.x, cells.y_train, config.head_genes, config.seed)
+    head = fit_head(z_train, cells.train.x, cells.y_train, len(cells.classes), genes, config.head_c, config.seed)
+    weights = head.gene_weight.detach().numpy()
+    strongest = {c: [gene_order[genes[i]] for i in np.argsort(-weights[k])[:5]] for k, c in enumerate(cells.classes)}
+    return head, {"reads": "the embedding and marker genes", "genes_per_class": config.head_genes, "genes": int(len(genes)), "C": config.head_c,
+                  "trained": "logistic regression on the training cells, after LoRA", "seconds": round(time.perf_counter() - started, 1),
+                  "max_row_norm": round(head.max_row_norm(), 2), "strongest_genes": strongest}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def calibrate_run(head: CellHead, merged, centroids: np.ndarray, cells: TrainingCells, config: FinetuneConfig,
                   device) -> tuple[Calibration, dict]:
     """Temperature and conformal scores from the calibration cells, and what they measure (cross-fitted)."""
     y_cal, classes = cells.y_cal, cells.classes
     z = embed(merged, cells.calibration.x, device)
-    logits = model.logits(z, device)
+    logits = head_logits(head, z, cells.calibration.x)
     distances = cosine_distance(z, unit(centroids), logits.argmax(axis=1))
     calibration = calibrate(logits, y_cal, distances, len(classes), optimistic=cells.optimistic, source=cells.calibration_source)
-    accuracy = classification_metrics(y_cal, model.probabilities(z, device), classes)
+    accuracy = classification_metrics(y_cal, softmax(logits), classes)
     return calibration, {
         "source": cells.calibration_source, "optimistic": cells.optimistic, "cells": len(y_cal), "temperature": round(calibration.temperature, 4),
         "cells_per_class": dict(zip(classes, np.bincount(y_cal, minlength=len(classes)).tolist())),
@@ -281,9 +307,9 @@ def calibrate_run(model: EncoderClassifier, merged, centroids: np.ndarray, cells
     }
 
 
-def novelty_shares(model: EncoderClassifier, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, device) -> dict:
+def novelty_shares(head: CellHead, calibration: Calibration, centroids: np.ndarray, z: np.ndarray, x) -> dict:
     """Share of cells flagged novel at each reported alpha (and at the runtime's default level)."""
-    probs = model.probabilities(z, device)
+    probs = softmax(head_logits(head, z, x))
     distances = cosine_distance(z, unit(centroids), probs.argmax(axis=1))
     return {str(a): novel_share(calibration, probs, distances, a) for a in sorted({NOVELTY_ALPHA, *ALPHAS})}
 
@@ -298,8 +324,8 @@ def ablation_rows(results: dict, y_val, val, classes, margin: float, device) -> 
     return rows
 
 
-def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> tuple[dict, np.ndarray]:
-    """How well the base's knowledge of other cells survived; returns the metrics and the tuned embedding of those cells."""
+def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> tuple[dict, np.ndarray, LabelledCells]:
+    """How well the base's knowledge of other cells survived; returns the metrics, the tuned embedding of those cells and the cells."""
     other = load_labelled(config.forgetting_data, base.gene_order, config.forgetting_label_key, ReadOptions(min_genes=config.min_genes))
     z_base = embed(base.encoder, other.x, device)
     z_tuned = embed(merged, other.x, device)
@@ -309,4 +335,4 @@ def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -
         "knn_transfer_accuracy_base": knn_transfer_accuracy(z_base, other.labels, config.knn_neighbors),
         "knn_transfer_accuracy_finetuned": knn_transfer_accuracy(z_tuned, other.labels, config.knn_neighbors),
         "mean_cosine_drift": mean_cosine_drift(z_base, z_tuned),
-    }, z_tuned
+    }, z_tuned, other

@@ -41,6 +41,9 @@ Next: scl-export my_run --out my_model.onnx"""
               "'seed' is the seed's lr 1e-4, 5 epochs, constant rate, for reproducing earlier runs (benchmarks/recipe.py compares them).")
 @click.option("--lr", default=FinetuneConfig.lr, show_default=True, help="Adam learning rate of the adapters.")
 @click.option("--head-lr", default=FinetuneConfig.head_lr, show_default=True, help="Adam learning rate of the classification head.")
+@click.option("--head-genes", default=FinetuneConfig.head_genes, show_default=True, help="Marker genes per class (CellTypist's feature "
+              "selection) that the shipped head reads beside the fine-tuned embedding; 0: the embedding alone (the head trained with LoRA).")
+@click.option("--head-c", default=FinetuneConfig.head_c, show_default=True, help="Inverse regularisation of the shipped head's logistic regression.")
 @click.option("--epochs", default=FinetuneConfig.epochs, show_default=True, help="The most epochs; training stops earlier on a plateau (--patience).")
 @click.option("--patience", default=FinetuneConfig.patience, show_default=True, help="Stop after this many epochs without a better "
               "validation macro-F1 (ties: lower validation loss); the best epoch's weights are kept.")
@@ -70,9 +73,9 @@ def main(ctx, quiet, ablation, recipe, **options):
     metrics = finetune(FinetuneConfig(**options), progress=not quiet, ablation=ablation)
     p = metrics["parameters"]
     click.echo(f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({100 * p['trainable'] / p['total']:.2f}%)")
-    click.echo(f"{'method':<14}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
+    click.echo(f"{'method':<16}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
     for name, m in metrics["methods"].items():
-        click.echo(f"{name:<14}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
+        click.echo(f"{name:<16}{m['top1']:>8.4f}{m['macro_f1']:>10.4f}{m['balanced_accuracy']:>9.4f}")
     click.echo(f"validation: {metrics['validation']['source']}" + ("; OPTIMISTIC: the base saw them" if metrics["validation"]["optimistic"] else ""))
     click.echo(epoch_line(metrics["epochs"]))
     for line in calibration_lines(metrics):

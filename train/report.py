@@ -117,6 +117,23 @@ def _headline(metrics: dict) -> list[str]:
             f"{metrics['validation']['seen_by_base']:,} of the {metrics['validation']['cells']:,} validation cells.\n"]
 
 
+METHODS = {"base+linear": "the frozen base's embedding, linear probe", "base+knn": "the frozen base's embedding, k nearest training cells",
+           "genes": "the shipped head's marker genes alone, same fit (no encoder)", "lora-embedding": "the head LoRA trained on the fine-tuned embedding alone",
+           "lora": "what scl-train ships: the fine-tuned encoder and its head"}
+
+
+def head_section(metrics: dict) -> list[str]:
+    head = metrics.get("head")
+    if not head:
+        return []
+    if not head["genes"]:
+        return [f"\n## The head\n\nReads {head['reads']}; trained {head['trained']}."]
+    rows = [[c, ", ".join(g)] for c, g in head["strongest_genes"].items()]
+    return [f"\n## The head\n\nReads {head['reads']}: {head['genes']:,} genes ({head['genes_per_class']} per class, CellTypist's feature "
+            f"selection), unscaled log1p(CP10k); {head['trained']} (C {head['C']:g}, {head['seconds']} s). Largest row norm {head['max_row_norm']:,}. "
+            "The genes with the largest weights per class:\n", _table(["class", "genes"], rows)]
+
+
 def write_report(run: Path, metrics: dict) -> None:
     methods = metrics["methods"]
     classes = metrics["classes"]
@@ -125,7 +142,9 @@ def write_report(run: Path, metrics: dict) -> None:
              f"Trainable parameters: {metrics['parameters']['trainable']:,} of {metrics['parameters']['total']:,} "
              f"(LoRA {metrics['parameters']['lora']:,}, head {metrics['parameters']['head']:,}); {epoch_line(metrics['epochs'])}.\n",
              *_headline(metrics),
-             f"## Validation\n\n{metrics['validation']['source']}.\n", _table(["method", *SUMMARY], [[name, *(m.get(k, "") for k in SUMMARY)] for name, m in methods.items()])]
+             f"## Validation\n\n{metrics['validation']['source']}.\n",
+             _table(["method", "what it is", *SUMMARY], [[name, METHODS.get(name, ""), *(m.get(k, "") for k in SUMMARY)] for name, m in methods.items()])]
+    parts += head_section(metrics)
     parts += ["\n## Per class (F1)\n", _table(["class", *methods], [[c, *(m["per_class"][c]["f1"] for m in methods.values())] for c in classes])]
     checks = metrics["sanity_checks"]
     parts += ["\n## Sanity checks\n", _table(["check", "value"], [[k, v] for k, v in checks.items()])]

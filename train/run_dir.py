@@ -2,8 +2,9 @@
 
     model/          the merged encoder and the base decoder, SCimilarity format (label_ints = classes)
     adapter/        the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
-    head.pt         {"weight", "bias", "centroids"}: the classifier and per-class embedding centroids (runs from before
-                    calibration also hold "novelty_limits")
+    head.pt         {"weight", "bias", "gene_index", "gene_weight", "centroids"}: the classifier (train/head.py CellHead:
+                    on the embedding and marker genes; runs from before it hold no gene_*) and per-class embedding
+                    centroids (runs from before calibration also hold "novelty_limits")
     calibration.json  temperature and conformal scores of the calibration cells (runtime/conformal.py Calibration)
     classes.json    class names in the head's order
     metrics.json    everything measured (config, history, sanity checks, metrics per method, forgetting)
@@ -22,13 +23,14 @@ import torch
 from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
 
+from .head import CellHead
 from .model_dir import SCimilarityModel, load_model_dir, save_model_dir
 
 
 @dataclass
 class TrainedRun:
     model: SCimilarityModel
-    head: torch.nn.Linear
+    head: CellHead
     centroids: np.ndarray
     classes: list[str]
     metrics: dict
@@ -49,11 +51,11 @@ def prepare_run_dir(path) -> Path:
     return path
 
 
-def write_run(path: Path, model: SCimilarityModel, head: torch.nn.Linear, centroids: np.ndarray, calibration: Calibration, metrics: dict) -> None:
+def write_run(path: Path, model: SCimilarityModel, head: CellHead, centroids: np.ndarray, calibration: Calibration, metrics: dict) -> None:
     from .report import write_report
 
     save_model_dir(path / "model", model)
-    state = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(), "centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32))}
+    state = head.state() | {"centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32))}
     torch.save(state, path / "head.pt")
     (path / "calibration.json").write_text(json.dumps(calibration.to_metadata()) + "\n")
     (path / "classes.json").write_text(json.dumps(model.labels, indent=1) + "\n")
@@ -69,8 +71,7 @@ def load_run(path) -> TrainedRun:
     model = load_model_dir(path / "model")
     try:
         state = torch.load(path / "head.pt", map_location="cpu", weights_only=True)
-        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-        head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        head = CellHead.from_state(state)
         state["centroids"]
     except Exception as err:  # torch raises many kinds for a file that is not its checkpoint
         raise SclError(f"{path / 'head.pt'}: not the head scl-train writes ({type(err).__name__}); train again or copy the run again.") from None
@@ -78,11 +79,13 @@ def load_run(path) -> TrainedRun:
         classes = json.loads((path / "classes.json").read_text())
     except ValueError:
         raise SclError(f"{path / 'classes.json'}: not valid JSON; train again or copy the run again.") from None
-    if len(classes) != head.out_features or head.in_features != model.latent_dim:
-        raise SclError(f"{path}: head.pt ({head.in_features} -> {head.out_features}) does not fit the model or classes.json.")
+    if len(classes) != head.n_classes or head.latent_dim != model.latent_dim:
+        raise SclError(f"{path}: head.pt ({head.latent_dim} -> {head.n_classes}) does not fit the model or classes.json.")
+    if len(head.gene_index) and not 0 <= int(head.gene_index.min()) <= int(head.gene_index.max()) < len(model.gene_order):
+        raise SclError(f"{path}: head.pt reads genes outside the model's {len(model.gene_order):,}; train again or copy the run again.")
     limits = state["novelty_limits"].numpy() if "novelty_limits" in state else None
     metrics = json.loads((path / "metrics.json").read_text())
-    return TrainedRun(model, head.eval(), state["centroids"].numpy(), classes, metrics, limits, read_calibration(path, len(classes), metrics))
+    return TrainedRun(model, head, state["centroids"].numpy(), classes, metrics, limits, read_calibration(path, len(classes), metrics))
 
 
 def read_calibration(path: Path, n_classes: int, metrics: dict) -> Calibration | None:
