@@ -118,7 +118,7 @@ def measure(model: Path, path: Path, label_key: str = "cell_type") -> dict:
     return out
 
 
-def celltypist_transfer(reference: Path, query: Path, top_genes: int | None = None) -> dict:
+def celltypist_transfer(reference: Path, query: Path, top_genes: int | None = None, seed: int = 0) -> dict:
     """CellTypist trained on `reference`, scored on `query`: all genes, or its custom-model recipe (feature_selection: the
     top_genes genes with the largest coefficients per class, then a second fit)."""
     import anndata as ad
@@ -128,7 +128,7 @@ def celltypist_transfer(reference: Path, query: Path, top_genes: int | None = No
     from accuracy import lognormalised
 
     model = celltypist.train(lognormalised(ad.read_h5ad(reference)), labels="cell_type", use_SGD=True, feature_selection=top_genes is not None,
-                             top_genes=top_genes or 300, n_jobs=-1, max_iter=1000, random_state=0)
+                             top_genes=top_genes or 300, n_jobs=-1, max_iter=1000, random_state=seed)
     q = lognormalised(ad.read_h5ad(query))
     predicted = celltypist.annotate(q, model=model).predicted_labels["predicted_labels"].astype(str).to_numpy()
     truth = q.obs["cell_type"].astype(str).to_numpy()

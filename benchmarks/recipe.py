@@ -203,6 +203,8 @@ def measure_setting(name: str, base_dir: Path, user: Path, new: Path, grid: dict
     best = max((r for r in rows.values() if r["recipe"] != SEED_RECIPE), key=lambda r: r["val_macro_f1"])
     others = frozen_and_full(base_dir, user, best["recipe"], test, smoke)
     celltypist = {"all_genes": celltypist_transfer(user, new), "300_features": celltypist_transfer(user, new, top_genes=300)}
+    for seed in sorted({r.get("seed", 0) for r in recipes(grid)} - {0}):  # a swept seed reaches CellTypist's SGD too
+        celltypist[f"300_features, seed {seed}"] = celltypist_transfer(user, new, top_genes=300, seed=seed)
     return {"base": base_dir.name, "user_file": user.name, "new_cells": new.name, "test_cells": len(test), "lora": rows, **others, "celltypist": celltypist}
 
 
@@ -224,8 +226,25 @@ def pct(share) -> str:
     return "" if share is None else f"{100 * share:.1f}%"
 
 
+def summary(r: dict) -> list[str]:
+    """One row per setting: the chosen recipe beside the seed's and every anchor."""
+    chosen = r["choice"]["chosen"]
+    lines = [f"Per setting (the defaults: {chosen}):", "",
+             "| setting | frozen probe | frozen k-NN | LoRA, defaults | epochs run (best), s/epoch | LoRA, seed's recipe | full fine-tuning | "
+             "marker genes alone | CellTypist, all genes | CellTypist, 300 per class |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in r["settings"].items():
+        d, seed = s["lora"][chosen], s["lora"]["seed"]
+        genes = f"{s['genes_only']['macro_f1']:.3f}" if "genes_only" in s else ""
+        lines.append(f"| {name} | {s['probe']['macro_f1']:.3f} | {s['knn']['macro_f1']:.3f} | **{d['macro_f1']:.3f}** | {d['epochs_run']} ({d['best_epoch']}), "
+                     f"{d['seconds_per_epoch']} | {seed['macro_f1']:.3f} | {s['full_finetune']['macro_f1']:.3f} | {genes} | "
+                     f"{s['celltypist']['all_genes']['macro_f1']:.3f} | {s['celltypist']['300_features']['macro_f1']:.3f} |")
+    return lines + [""]
+
+
 def markdown(r: dict) -> str:
     lines = [f"Machine {r['machine']}, {r['date']}; `{r['command']}`. Macro-F1 on cells no stage used.", ""]
+    if "choice" in r:
+        lines += summary(r)
     for name, s in r["settings"].items():
         lines += [f"### {name} (base {s['base']}; trained on {s['user_file']}, scored on {s['test_cells']} cells of {s['new_cells']})", "",
                   "| method | macro-F1 | epochs run (best) | s/epoch | head's largest row norm | int8 keeps labels |", "|---|---|---|---|---|---|",
@@ -242,7 +261,9 @@ def markdown(r: dict) -> str:
                       f"| the default marker genes alone ({s['genes_only']['genes']:,} genes; no encoder) | {s['genes_only']['macro_f1']:.3f} | | | | |"]
         lines += [
                   f"| CellTypist, all genes | {s['celltypist']['all_genes']['macro_f1']:.3f} | | | | |",
-                  f"| CellTypist, 300 features per class | {s['celltypist']['300_features']['macro_f1']:.3f} | | | | |", ""]
+                  f"| CellTypist, 300 features per class | {s['celltypist']['300_features']['macro_f1']:.3f} | | | | |"]
+        lines += [f"| CellTypist, 300 features per class, {k.split(', ')[1]} | {v['macro_f1']:.3f} | | | | |" for k, v in s["celltypist"].items() if ", seed" in k]
+        lines.append("")
     if "choice" in r:
         c = r["choice"]
         lines += [f"Default chosen: **{c['chosen']}** (best mean rank over {', '.join(c['settings'])}).", "",

@@ -196,7 +196,13 @@ def test_normalisation_and_embedding_against_numpy_from_the_initializers(exporte
             h = np.where(h > 0, h, slopes[i] * h)
     embedding = h / np.linalg.norm(h, axis=1, keepdims=True)
     np.testing.assert_allclose(result.embedding, embedding, atol=2e-5)
-    logits = embedding @ weights["head.weight"].T + weights["head.bias"]
+    # the head: the embedding and the log1p values of the marker genes the metadata names, each weight found by its
+    # shape (the exporter stores them transposed, temperature folded in)
+    props = {p.key: p.value for p in model.metadata_props}
+    markers = [index[g] for g in json.loads(props["scl.head_genes"])]
+    head = {w.shape: w for name, w in weights.items() if not name.startswith("encoder.") and w.ndim == 2}
+    classes = len(annotator.classes)
+    logits = embedding @ head[(embedding.shape[1], classes)] + np.log1p(x * (1e4 / x.sum(1, keepdims=True)))[:, markers] @ head[(len(markers), classes)] + weights["head.bias"]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     np.testing.assert_allclose(result.probabilities, probs, atol=2e-5)

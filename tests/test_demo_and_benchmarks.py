@@ -33,7 +33,7 @@ def test_fast_demo_runs_the_whole_pipeline(tmp_path):
     assert annotated.n_obs == 210 and set(annotated.obs["scl_label"]) <= set(annotated.obs["cell_type"].cat.categories)
     assert len(pd.read_csv(out / "unlabelled.scl.csv")) == 100
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary["methods"]) == {"base+linear", "base+knn", "lora"}
+    assert set(summary["methods"]) == {"base+linear", "base+knn", "genes", "lora-embedding", "lora"}
     assert "done in" in stdout
     # every demo file the README and the --help examples name exists once the demo has run
     texts = [(REPO / "README.md").read_text()] + [run(c, "--help")[1] for c in ("scl-pretrain", "scl-train", "scl-export", "scl-annotate")]
@@ -118,11 +118,11 @@ def test_int8_layers_smoke_run(tmp_path, scimilarity_genes):
 
 
 def test_recipe_smoke_run(tmp_path, scimilarity_genes):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--smoke", "--settings", "pbmc_on_tissues,seg_to_baron",
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--smoke", "--settings", "pbmc_on_tissues",
                            "--grid", "lr=1e-3", "schedule=constant", "triplet_weight=1,0.1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("*-recipe-smoke.json")).read_text())
-    assert set(result["settings"]) == {"pbmc_on_tissues", "seg_to_baron"}
+    assert set(result["settings"]) == {"pbmc_on_tissues"}
     for s in result["settings"].values():
         # the seed's recipe always runs; a swept FinetuneConfig field is named in the row and reaches the run
         assert list(s["lora"]) == ["seed", "lr 0.001, constant, max 20, triplet 1", "lr 0.001, constant, max 20, triplet 0.1"]
@@ -216,3 +216,15 @@ def test_dask_scale_smoke_run(tmp_path):
     assert all(r["cells_per_second"] > 0 for r in result["annotate"].values())
     assert [m["cells"] for m in result["memory"]] == [4000, 8000] and all(len(m["worker_peak_rss_mb"]) == 2 for m in result["memory"])
     assert "Projection for 10^8 cells" in next(tmp_path.glob("*-dask-smoke.md")).read_text()
+
+
+def test_voting_scale_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "voting_scale.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-voting-smoke.json")).read_text())
+    (step,) = result["step"].values()
+    assert list(step) == ["every cell", "a sample"] and all(0 < v["purity"] <= 1 and v["peak_rss_mb"] > 0 for v in step.values())
+    (runs,) = result["annotate"].values()
+    assert runs["--majority-voting"]["clusters"] == 55 and runs["without voting"]["clusters"] is None  # ceil(sqrt(3,000))
+    assert all(v["peak_anonymous_mb"] > 0 for v in runs.values())
+    assert "peak anonymous memory" in next(tmp_path.glob("*-voting-smoke.md")).read_text()
