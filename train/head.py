@@ -52,7 +52,7 @@ class CellHead(torch.nn.Module):
     def forward(self, embedding: torch.Tensor, lognorm: torch.Tensor | None = None) -> torch.Tensor:
         logits = embedding @ self.weight.T + self.bias
         if len(self.gene_index):
-            logits = logits + lognorm[:, self.gene_index] @ self.gene_weight.T
+            logits = logits + lognorm.index_select(1, self.gene_index) @ self.gene_weight.T  # one ONNX Gather of those columns
         return logits
 
     def scaled(self, factor: float) -> "CellHead":
