@@ -167,7 +167,7 @@ class Pipeline:
         warning = head_genes_warning(self.head_genes(source), source.path)
         if warning:
             log.warning(warning)
-        own = BlockCollector(source.n_cells) if options.voting_wanted and getattr(sink, "collector", None) is None else None
+        own = BlockCollector(source.n_cells, on_disk=("embedding",)) if options.voting_wanted and getattr(sink, "collector", None) is None else None
         bar = tqdm(total=source.n_cells, desc=desc, unit="cells", disable=not options.progress, leave=False)
         try:
             for block in self.blocks(source) if blocks is None else blocks:
@@ -188,6 +188,9 @@ class Pipeline:
             bar.close()
             sink.abort()
             raise
+        finally:
+            if own is not None:
+                own.close()
         return report
 
     def head_genes(self, source: ExpressionSource) -> dict:

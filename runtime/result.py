@@ -4,6 +4,7 @@ ResultSink, the pipeline's sink that gathers them, and BlockCollector, which fil
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,25 +203,46 @@ class ResultSink:
 class BlockCollector:
     """Blocks of per-cell arrays gathered into one array each. With the number of cells known (files with an obs
     index, everything in memory), each array is allocated once and filled in place: concatenating at the end would
-    hold every result twice (1 GB for a million cells' embeddings)."""
+    hold every result twice (1 GB for a million cells' embeddings). Keys in `on_disk` are appended to an unnamed
+    temporary file instead (TMPDIR; gone when the run ends, however it ends) and come back memory-mapped: a file's
+    majority voting needs the embedding of every cell, 512 bytes each, 51 GB at 10^8 cells."""
 
-    def __init__(self, n_cells: int | None):
+    def __init__(self, n_cells: int | None, on_disk: tuple[str, ...] = ()):
         self.n_cells = n_cells
         self.filled = 0
         self.parts: dict[str, list | np.ndarray] = {}
+        self.on_disk = set(on_disk)
+        self.files: dict[str, tuple] = {}  # key -> (file, row shape, dtype)
 
     def add(self, values: dict[str, np.ndarray]) -> None:
         n = len(next(iter(values.values())))
         for key, value in values.items():
-            if self.n_cells is None:
+            if key in self.on_disk:
+                self._append(key, value)
+            elif self.n_cells is None:
                 self.parts.setdefault(key, []).append(value)
-                continue
-            if key not in self.parts:
-                self.parts[key] = np.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype)
-            self.parts[key][self.filled : self.filled + n] = value
+            else:
+                if key not in self.parts:
+                    self.parts[key] = np.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype)
+                self.parts[key][self.filled : self.filled + n] = value
         self.filled += n
 
+    def _append(self, key: str, value: np.ndarray) -> None:
+        if key not in self.files:
+            self.files[key] = (tempfile.TemporaryFile(prefix="scl-", suffix=f".{key}"), value.shape[1:], value.dtype)
+        try:
+            self.files[key][0].write(np.ascontiguousarray(value, dtype=self.files[key][2]).tobytes())
+        except OSError as err:
+            raise SclError(f"{tempfile.gettempdir()}: cannot write the temporary {key} that majority voting clusters ({err.strerror}; it "
+                           f"takes {value[0].nbytes} bytes a cell); free space there or point TMPDIR at a folder with room.") from None
+
     def arrays(self) -> dict[str, np.ndarray]:
-        if self.n_cells is None:
-            return {k: np.concatenate(v) for k, v in self.parts.items()}
-        return {k: v[: self.filled] for k, v in self.parts.items()}
+        kept = {k: np.concatenate(v) for k, v in self.parts.items()} if self.n_cells is None else {k: v[: self.filled] for k, v in self.parts.items()}
+        for key, (file, shape, dtype) in self.files.items():
+            file.flush()
+            kept[key] = np.memmap(file, dtype=dtype, mode="r", shape=(self.filled, *shape)) if self.filled else np.empty((0, *shape), dtype)
+        return kept
+
+    def close(self) -> None:
+        for file, _, _ in self.files.values():
+            file.close()

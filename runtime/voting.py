@@ -4,8 +4,9 @@ Per-cell calls are noisy at the edges between types; a cluster of similar cells 
 Clusters come from the user (an obs column such as 'leiden', or one id per cell) or from an automatic
 over-clustering of the scl embedding. CellTypist's automatic path is a full scanpy neighbours + Leiden run (users
 report hours, and 100 GB at 1.5 million cells). Here it is scikit-learn's MiniBatchKMeans on the 128-dimensional
-L2-normalised embedding: memory is the embedding plus the centres, and time grows linearly with the cells
-(benchmarks/voting.py measures 100k and 1M). scikit-learn is the optional extra `scl[voting]`.
+L2-normalised embedding: centres fitted on at most FIT_CELLS cells, then every cell assigned to its nearest, so
+memory is the sample plus the centres and time grows linearly with the cells (benchmarks/voting_scale.py measures it;
+scl-annotate keeps the embedding it votes over in a temporary file). scikit-learn is the optional extra `scl[voting]`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from .errors import SclError
 MIN_SHARE = 0.5  # below this share of its top label a cluster is 'heterogeneous' (CellTypist's min_prop defaults to 0)
 HETEROGENEOUS = "heterogeneous"
 UNCLUSTERED = "unclustered"  # majority_label of a cell whose cluster id is missing (NaN): it takes no part in the vote
+
+
+# Above this many cells the centres are fitted on a uniform sample of them (at least 500 cells per centre at the
+# most centres, 1,000), and every cell is then assigned to its nearest: memory is the sample, not the embedding.
+FIT_CELLS = 500_000
+PREDICT_CHUNK = 100_000
 
 
 def n_clusters_for(n_cells: int) -> int:
@@ -43,8 +50,13 @@ def over_cluster(embedding: np.ndarray, n_clusters: int | None = None, seed: int
     n = len(embedding)
     k = min(n, n_clusters or n_clusters_for(n))
     model = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, random_state=seed, max_no_improvement=20)
-    labels = model.fit_predict(np.ascontiguousarray(embedding, dtype=np.float32))
-    return labels.astype(str).astype(object)
+    if n <= FIT_CELLS:
+        labels = model.fit_predict(np.ascontiguousarray(embedding, dtype=np.float32))
+    else:  # centres from a uniform sample, then every cell to its nearest centre, a chunk at a time (embedding may be on disk)
+        model.fit(np.ascontiguousarray(embedding[np.sort(np.random.default_rng(seed).choice(n, FIT_CELLS, replace=False))], dtype=np.float32))
+        labels = np.concatenate([model.predict(np.ascontiguousarray(embedding[i : i + PREDICT_CHUNK], dtype=np.float32)) for i in range(0, n, PREDICT_CHUNK)])
+    names = np.array([str(i) for i in range(k)], dtype=object)
+    return names[labels]  # one string object per cluster, shared by its cells
 
 
 def majority_vote(labels: np.ndarray, clusters, min_share: float = MIN_SHARE) -> dict[str, np.ndarray]:
