@@ -109,9 +109,11 @@ class ExpressionSource:
         self.gene_symbols, self.ensembl_mapped = to_symbols(names)
         if self.ensembl_mapped:
             self.gene_source += f", {self.ensembl_mapped} Ensembl IDs mapped to symbols (GENCODE v44)"
-        self.cell_ids = self.matrix.cell_ids
-        if self.cell_ids is not None and self.is_file:  # outputs are keyed by id; in memory, results go back by position
-            _refuse_duplicate_ids(self.cell_ids, self.path)
+        self.n_cells = getattr(self.matrix, "n_cells", None)
+        if self.n_cells is None and self.matrix.cell_ids is not None:
+            self.n_cells = len(self.matrix.cell_ids)
+        if self.n_cells is not None and self.is_file:  # outputs are keyed by id; in memory, results go back by position
+            refuse_duplicate_ids(getattr(self.matrix, "id_chunks", lambda: [self.matrix.cell_ids]), self.path)
         stream = self._raw_blocks()
         first = next(stream, None)
         if first is None:
@@ -130,8 +132,10 @@ class ExpressionSource:
         )
 
     @property
-    def n_cells(self) -> int | None:
-        return None if self.cell_ids is None else len(self.cell_ids)
+    def cell_ids(self) -> np.ndarray | None:
+        """Every cell's id (read whole from an .h5ad when asked: the blocks carry their own); None for text files,
+        whose ids come with their rows."""
+        return self.matrix.cell_ids
 
     @property
     def matrix_name(self) -> str:
@@ -143,7 +147,7 @@ class ExpressionSource:
     def raw_blocks(self):
         """(cell ids, the block as stored): dense rows or SparseRows (consistent, repeats summed), values not yet
         checked, not aligned."""
-        seen = set() if self.cell_ids is None else None
+        seen = set() if self.n_cells is None else None
         first, rest = self._peeked if self._peeked is not None else (None, self._raw_blocks())
         self._peeked = None
         stream = itertools.chain([first] if first else [], ((ids, self._checked(raw)) for ids, raw in rest))
@@ -206,12 +210,23 @@ class ExpressionSource:
         self.close()
 
 
-def _refuse_duplicate_ids(ids, path: str, seen: set | None = None) -> None:
-    if seen is None:
-        unique, counts = np.unique(np.asarray(ids, dtype=str), return_counts=True)
-        dups = unique[counts > 1]
-    else:
-        dups = [i for i in ids if i in seen or seen.add(i)]
+def refuse_duplicate_ids(chunks, path: str) -> None:
+    """Every id of a file unique, in 16 bytes a cell: `chunks()` gives the ids a chunk at a time (called twice at most);
+    a 64-bit hash of each is sorted, and only ids whose hashes meet are compared by name. Holding the ids of 10^7 cells
+    as strings, or sorting them, takes gigabytes."""
+    hashes = np.concatenate([np.fromiter(map(hash, chunk), dtype=np.int64, count=len(chunk)) for chunk in chunks()] or [np.zeros(0, np.int64)])
+    hashes.sort()
+    met = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if met:
+        seen: set = set()
+        _refuse_duplicates([i for chunk in chunks() for i in chunk if hash(i) in met and (i in seen or seen.add(i))], path)
+
+
+def _refuse_duplicate_ids(ids, path: str, seen: set) -> None:
+    _refuse_duplicates([i for i in ids if i in seen or seen.add(i)], path)
+
+
+def _refuse_duplicates(dups: list, path: str) -> None:
     if len(dups):
         raise SclError(
             f"{path}: cell id {str(dups[0])!r} occurs more than once ({len(dups)} duplicated); "

@@ -174,17 +174,21 @@ def array_length(elem) -> int:
     return int((elem[inner] if inner else elem).shape[0])
 
 
-def read_dataframe(group, rows: slice = slice(None)) -> tuple[np.ndarray, dict, int]:
-    """The index of an anndata dataframe (obs, var; its `rows` only), its columns unread, and its length."""
+def dataframe_parts(group) -> tuple[object, dict, int]:
+    """An anndata dataframe (obs, var) unread: its index element, its columns and its length."""
     if is_array(group):
         raise SclError(
             f"{filename(group)}: {group.name} uses the pre-0.7 anndata layout; "
             "read and save it once with a current anndata (ad.read_h5ad(f).write_h5ad(f2))."
         )
     index_name = group.attrs.get("_index", "_index")
-    index = read_array(group[index_name], rows).astype(str).astype(object)
     columns = {k: group[k] for k in group.keys() if k != index_name and k != "__categories"}
-    return index, columns, array_length(group[index_name])
+    return group[index_name], columns, array_length(group[index_name])
+
+
+def read_index(elem, rows: slice = slice(None)) -> np.ndarray:
+    """Names from a dataframe's index (its `rows` only), as str objects."""
+    return read_array(elem, rows).astype(str).astype(object)
 
 
 class Matrix:
@@ -273,11 +277,12 @@ class H5adFile:
             if rows is not None and (cell_names is not None or not 0 <= rows[0] < rows[1] <= self.matrix.shape[0]):
                 raise SclError(f"{path}: rows {rows[0]}..{rows[1]} of {self.matrix.shape[0]:,} cells cannot be read; "
                                "give 0 <= start < stop <= cells, without a view.")
-            # a dask task's range reads only its own ids: the whole index of 10^7 cells is gigabytes of strings
+            # cell ids are read a block at a time (ids()): the whole index of 10^7 cells is gigabytes of strings
             self.rows = slice(None) if rows is None else slice(*rows)
-            self.cell_ids, self.obs_columns, n_obs = read_dataframe(self.file["obs"], self.rows)
+            self.obs_index, self.obs_columns, n_obs = dataframe_parts(self.file["obs"])
             var_group = self.file["raw/var"] if self.matrix_name == "raw/X" else self.file["var"]
-            self.var_names, self.var_columns, n_var = read_dataframe(var_group)
+            var_index, self.var_columns, n_var = dataframe_parts(var_group)
+            self.var_names = read_index(var_index)
         except KeyError as err:
             self.close()
             raise SclError(f"{path}: the file lacks {err.args[0]}; is it an AnnData .h5ad or zarr store (or a 10x .h5)?") from None
@@ -290,14 +295,29 @@ class H5adFile:
                 f"{path}: {self.matrix_name} is {self.matrix.shape[0]} x {self.matrix.shape[1]} but obs/var "
                 f"hold {n_obs} x {n_var}; the file is inconsistent: write it again with anndata."
             )
-        self.positions = None if cell_names is None else self._positions(np.asarray(cell_names, dtype=str))
-        if self.positions is not None:
-            self.cell_ids = self.cell_ids[self.positions]
         self.first_row = 0 if rows is None else rows[0]
+        self.positions = None if cell_names is None else self._positions(np.asarray(cell_names, dtype=str))
+        self.n_cells = len(self.positions) if self.positions is not None else (rows[1] - rows[0] if rows else n_obs)
+
+    @property
+    def cell_ids(self) -> np.ndarray:
+        """Every cell's id (read now, whole: prefer ids() a block at a time)."""
+        return self.ids(0, self.n_cells)
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        """The ids of cells start..stop-1 (of the range or view opened)."""
+        if self.positions is not None:
+            return self._view_ids[start:stop]
+        return read_index(self.obs_index, slice(self.first_row + start, self.first_row + stop))
+
+    def id_chunks(self, size: int = 1_000_000):
+        """Every cell's id, `size` at a time."""
+        for start, stop in row_ranges(self.n_cells, size):
+            yield self.ids(start, stop)
 
     def _positions(self, names: np.ndarray) -> np.ndarray:
-        """Where the named cells (a backed view's obs names) are in the file's obs."""
-        ids = self.cell_ids.astype(str)
+        """Where the named cells (a backed view's obs names: in memory already) are in the file's obs."""
+        ids = read_index(self.obs_index).astype(str)
         order = np.argsort(ids, kind="stable")
         at = np.searchsorted(ids, names, sorter=order).clip(max=len(ids) - 1)
         found = ids[order[at]] == names
@@ -307,6 +327,7 @@ class H5adFile:
         if not found.all():
             self.close()
             raise SclError(f"{self.path}: the view names {names[~found][0]!r}, which the file's obs lacks; annotate a view of this file.")
+        self._view_ids = ids[order[at]].astype(object)
         return order[at]
 
     def _choose_matrix(self, wanted: str) -> str:
@@ -323,10 +344,10 @@ class H5adFile:
 
     def blocks(self, size: int):
         """(cell ids, rows) per block of `size` cells: dense arrays or SparseRows, as stored."""
-        for start, stop in row_ranges(len(self.cell_ids), size):
+        for start, stop in row_ranges(self.n_cells, size):
             at = self.first_row
             rows = self.matrix.rows(at + start, at + stop) if self.positions is None else self.matrix.rows_at(self.positions[start:stop])
-            yield self.cell_ids[start:stop], rows
+            yield self.ids(start, stop), rows
 
     def obs_column(self, key: str) -> np.ndarray:
         if key not in self.obs_columns:

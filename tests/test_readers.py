@@ -243,3 +243,27 @@ def test_a_row_range_reads_those_cells_their_ids_and_obs_and_refuses_a_bad_range
     for bad in [(0, a.n_obs + 1), (50, 50), (-1, 10)]:
         with pytest.raises(SclError, match=f"rows {bad[0]}..{bad[1]} of {a.n_obs} cells cannot be read"):
             ExpressionSource(str(path), scimilarity_genes, ReadOptions(rows=bad))
+
+
+def test_ids_whose_hashes_meet_are_compared_by_name(pbmc_small, scimilarity_genes, tmp_path, monkeypatch):
+    """A file's ids are checked unique by 64-bit hashes, read a million at a time; where hashes meet (here all of them),
+    the ids are compared by name, so unique ids pass and a real duplicate is named."""
+    import scl.runtime.expression as expression
+    import scl.runtime.h5ad as h5ad
+
+    path = tmp_path / "cells.h5ad"
+    pbmc_small.write_h5ad(path)
+    monkeypatch.setattr(expression, "hash", lambda name: 7, raising=False)
+    reads = []
+    real = h5ad.read_index
+    monkeypatch.setattr(h5ad, "read_index", lambda elem, rows=slice(None): reads.append(rows) or real(elem, rows))
+    with ExpressionSource(str(path), scimilarity_genes, ReadOptions(batch_size=50)) as src:
+        ids = np.concatenate([b[0] for b in src.blocks()])
+    assert list(ids) == list(pbmc_small.obs_names) and src.n_cells == pbmc_small.n_obs
+    assert max(r.stop - r.start for r in reads if r != slice(None)) == pbmc_small.n_obs  # the check's one chunk; blocks read 50
+    assert sorted({r.stop - r.start for r in reads if r != slice(None)})[:2] == [pbmc_small.n_obs % 50 or 50, 50]
+    twice = pbmc_small.copy()
+    twice.obs_names = [*twice.obs_names[:-1], twice.obs_names[0]]
+    twice.write_h5ad(tmp_path / "twice.h5ad")
+    with pytest.raises(SclError, match=f"cell id {twice.obs_names[0]!r} occurs more than once \\(1 duplicated\\)"):
+        ExpressionSource(str(tmp_path / "twice.h5ad"), scimilarity_genes)
