@@ -222,7 +222,8 @@ class Annotator:
                  gene_column: str | None = None, input_kind: str = "auto", min_genes: int | None = None,
                  min_confidence: float = 0.0, max_novelty: str | float | None = None, min_cell_genes: int | None = None,
                  alpha: float | None = None, majority_voting: bool = False, over_clustering=None, min_share: float = voting.MIN_SHARE,
-                 reference=None, k: int = DEFAULT_K, restrict_to=None, exclude=None, batch_size: int = 256, progress: bool = True) -> AnnotationResult:
+                 reference=None, k: int = DEFAULT_K, restrict_to=None, exclude=None, batch_size: int = 256, progress: bool = True,
+                 lazy: bool = False) -> AnnotationResult:
         """Annotate cells in memory (or an .h5ad/CSV path) and return the calls, embedding and probabilities.
 
         Parameters
@@ -271,10 +272,14 @@ class Annotator:
             the model (and of the reference, when one is given).
         batch_size
             Cells per block; memory is threads x batch_size x model genes x 4 bytes.
+        lazy
+            With dask-backed data: return a `LazyAnnotation` at once, whose embedding, probabilities and call columns
+            are dask arrays (one task per row chunk, run when computed; see runtime/lazy_result.py), for atlases
+            whose results do not fit in this process.
 
         Returns
         -------
-        AnnotationResult
+        AnnotationResult (a LazyAnnotation with lazy=True)
 
         Examples
         --------
@@ -283,10 +288,16 @@ class Annotator:
         >>> result.embedding.shape
         (2800, 128)
         """
+        asked = {k: v for k, v in locals().items() if k not in ("self", "lazy")}
         options = AnnotateOptions(min_confidence, max_novelty, progress, min_cell_genes, alpha, majority_voting, over_clustering, min_share,
                                   as_reference(reference), k, restrict_to, exclude)
         read = ReadOptions(gene_column=gene_column, input_kind=input_kind, min_genes=min_genes, batch_size=batch_size)
         started = time.perf_counter()
+        if lazy:
+            from .lazy_result import lazy_annotation
+
+            with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
+                return lazy_annotation(self, source, options, eager=lambda: self.annotate(**asked))
         with self.open(data, genes, cell_ids, read, layer, use_raw) as source:
             clusters = voting.given_clusters(over_clustering, data, source)
             pipeline = Pipeline(self, options, source.alignment.matched)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from .pipeline import in_submission_order
 TASK_CELLS = 20_000  # cells per task of a file: tasks of seconds (about 4 s at 5,000 cells/s a core), few enough to schedule
 _ANNOTATORS: dict = {}  # per worker process: (model path, digest, device) -> Annotator
 _PIPELINES: OrderedDict = OrderedDict()  # per worker process: job key -> Pipeline (the last few runs)
+_OPENING = threading.Lock()
 
 
 def distributed_module():
@@ -109,6 +111,11 @@ def make_job(annotator, options, source) -> DaskJob:
 
 def worker_pipeline(job: DaskJob):
     """This worker process's Pipeline for the job, over its Annotator (one per model, kept across runs)."""
+    with _OPENING:  # dask's threaded scheduler runs tasks in threads of one process: one Annotator per model there too
+        return _pipeline_for(job)
+
+
+def _pipeline_for(job: DaskJob):
     from .annotator import Annotator
     from .pipeline import Pipeline
     from .reference import model_digest

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from scl.runtime.annotator import Annotator, annotate
 from scl.runtime.calls import COLUMNS, KNN_COLUMNS, VOTING_COLUMNS, Column
 from scl.runtime.errors import GeneOverlapError, ModelError, SclError
+from scl.runtime.lazy_result import LazyAnnotation
 from scl.runtime.reference import Reference
 from scl.runtime.result import AnnotationResult
 from scl.runtime.voting import majority_vote, over_cluster
@@ -23,5 +24,5 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Annotator", "annotate", "AnnotationResult", "Reference", "majority_vote", "over_cluster", "COLUMNS", "KNN_COLUMNS", "VOTING_COLUMNS", "Column",
+__all__ = ["Annotator", "annotate", "AnnotationResult", "LazyAnnotation", "Reference", "majority_vote", "over_cluster", "COLUMNS", "KNN_COLUMNS", "VOTING_COLUMNS", "Column",
            "SclError", "ModelError", "GeneOverlapError", "__version__"]

@@ -119,6 +119,8 @@ MUTANTS = [
      "_refuse_duplicates(sorted(met), path)", ["tests/test_readers.py::test_ids_whose_hashes_meet_are_compared_by_name"]),
     ("voting fits every cell at any size", "runtime/voting.py", "    if n <= FIT_CELLS:", "    if True:",
      ["tests/test_voting.py::test_above_fit_cells_the_centres_come_from_a_sample_and_every_cell_is_assigned"]),
+    ("lazy chunks out of order", "runtime/lazy_result.py", "        return da.concatenate(pieces, axis=0)", "        return da.concatenate(pieces[::-1], axis=0)",
+     ["tests/test_dask.py::test_lazy_results_are_dask_arrays_computed_once_per_chunk_on_the_cluster"]),
     ("the first block's values never checked", "runtime/expression.py", "        check_values(first[1], self.path, first[0])\n", "",
      ["tests/test_bad_input.py"]),
 ]

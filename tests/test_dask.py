@@ -84,6 +84,50 @@ def test_a_lazy_anndata_annotates_as_in_memory_with_and_without_a_cluster(export
         same_result(scl.Annotator(exported).annotate(renamed, gene_column="symbol", progress=False), single)
 
 
+def test_lazy_results_are_dask_arrays_computed_once_per_chunk_on_the_cluster(exported, pbmc_path, single, client, tmp_path):
+    """lazy=True: nothing runs until computed; embedding, probabilities and every column equal the in-memory run; the
+    embedding writes to zarr; compute() is the eager result; a NaN stops the compute naming its cell."""
+    import dask
+    import dask.array as da
+
+    lazy_adata = ad.experimental.read_lazy(pbmc_path)
+    lazy = scl.Annotator(exported).annotate(lazy_adata, progress=False, lazy=True)
+    assert isinstance(lazy.embedding, da.Array) and lazy.embedding.shape == single.embedding.shape
+    assert lazy.embedding.numblocks[0] == lazy_adata.X.numblocks[0] and set(lazy.calls) == set(single.calls)
+    embedding, probabilities, labels, *columns = dask.compute(lazy.embedding, lazy.probabilities, lazy.labels, *lazy.calls.values())
+    assert np.abs(embedding - single.embedding).max() <= 1e-6 and np.abs(probabilities - single.probabilities).max() <= 1e-6
+    assert list(labels) == list(single.predicted_labels)
+    for name, values in zip(lazy.calls, columns):
+        assert np.array_equal(values, single.calls[name]) or np.allclose(values, single.calls[name], atol=1e-6), name
+    da.to_zarr(lazy.embedding, str(tmp_path / "embedding.zarr"))
+    assert np.abs(da.from_zarr(str(tmp_path / "embedding.zarr")).compute() - single.embedding).max() <= 1e-6
+    same_result(lazy.compute(), single)
+    bad = nan_file(pbmc_path, tmp_path / "nan.h5ad", 2500)
+    broken = scl.Annotator(exported).annotate(ad.experimental.read_lazy(tmp_path / "nan.h5ad"), progress=False, lazy=True)
+    with pytest.raises(scl.SclError, match=bad):
+        broken.labels.compute()
+    with pytest.raises(scl.SclError, match="lazy=True needs dask-backed data"):
+        scl.Annotator(exported).annotate(ad.read_h5ad(pbmc_path), lazy=True)
+    with pytest.raises(scl.SclError, match="majority voting needs every cell at once"):
+        scl.Annotator(exported).annotate(lazy_adata, majority_voting=True, lazy=True)
+
+
+def test_a_lazy_result_runs_nothing_until_computed_and_each_chunk_once(exported, pbmc_path, monkeypatch):
+    import dask
+
+    import scl.runtime.on_dask as on_dask
+
+    runs = []
+    real = on_dask.annotate_cells
+    monkeypatch.setattr(on_dask, "annotate_cells", lambda *args: runs.append(args[2]) or real(*args))
+    lazy_adata = ad.experimental.read_lazy(pbmc_path)
+    lazy = scl.Annotator(exported).annotate(lazy_adata, progress=False, lazy=True)
+    assert runs == []
+    with dask.config.set(scheduler="sync"):
+        dask.compute(lazy.embedding, lazy.labels, lazy.calls["confidence"])
+    assert sorted(runs) == sorted(np.cumsum((0,) + lazy_adata.X.chunks[0][:-1]).tolist())  # every chunk, once
+
+
 def test_a_file_through_dask_local_2_equals_the_plain_run(exported, pbmc_path, tmp_path):
     for args, name in (([], "plain"), (["--dask", "local:2"], "dask")):
         code, _, stderr = run("scl-annotate", pbmc_path, "--model", exported, "--output", tmp_path / f"{name}.csv", "--probabilities",
