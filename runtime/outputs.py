@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import gc
 import json
 import os
@@ -30,6 +31,9 @@ def _text(column: Column, values: np.ndarray, classes: list[str]) -> list[str]:
     if column.kind == "float":
         return [f"{v:.5f}" for v in values]
     return [str(v) for v in as_values(column, values, classes)]
+
+
+ADD_CHUNK = 100_000  # rows per step when columns are added to a written CSV
 
 
 class CsvOutput:
@@ -52,12 +56,13 @@ class CsvOutput:
     def add_columns(self, columns: list[Column], values: dict) -> None:
         """Append columns computed over all cells (majority voting): one more streaming pass over the rows."""
         self.fh.close()
-        extra = [_text(c, values[c.name], self.classes) for c in columns]
+        n = len(values[columns[0].name])
         with open(self.path, newline="") as src, open(self.path + ".more", "w", newline="") as dst:
             reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
             writer.writerow(next(reader) + [c.name for c in columns])
-            for i, row in enumerate(reader):
-                writer.writerow(row + [e[i] for e in extra])
+            for start in range(0, n, ADD_CHUNK):  # the new columns as text a chunk at a time: 10^8 cells' would be gigabytes
+                extra = [_text(c, values[c.name][start : start + ADD_CHUNK], self.classes) for c in columns]
+                writer.writerows(row + list(more) for row, *more in zip(itertools.islice(reader, ADD_CHUNK), *extra))
         os.replace(self.path + ".more", self.path)
         self.fh = open(self.path, "a")
 

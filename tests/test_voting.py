@@ -69,3 +69,24 @@ def test_a_full_temporary_disk_is_named_in_one_line(monkeypatch):
     with pytest.raises(SclError, match=r"cannot write the temporary embedding that majority voting clusters \(No space left on device; "
                                        r"it takes 512 bytes a cell\); free space there or point TMPDIR at a folder with room"):
         collector.add({"embedding": np.zeros((10, 128), np.float32)})
+
+
+def test_voting_columns_join_a_written_csv_row_for_row_across_chunks(tmp_path, monkeypatch):
+    import csv
+
+    import scl.runtime.outputs as outputs
+    from scl.runtime.calls import VOTING_COLUMNS
+    from scl.runtime.pipeline import AnnotatedBlock
+
+    monkeypatch.setattr(outputs, "ADD_CHUNK", 7)
+    out = outputs.CsvOutput(str(tmp_path / "o.csv"), ["a", "b"], [], probabilities=False)
+    for start in (0, 12, 25):  # blocks of 12, 13 and 5 cells
+        ids = np.array([f"c{i}" for i in range(start, {0: 12, 12: 25, 25: 30}[start])], dtype=object)
+        out.write(AnnotatedBlock(ids, {}, np.zeros((len(ids), 4)), np.zeros((len(ids), 2))))
+    votes = {"cluster": np.array([str(i // 4) for i in range(30)], dtype=object), "majority_label": np.array(["a", "b"] * 15, dtype=object),
+             "majority_share": np.arange(30) / 30}
+    out.add_columns(list(VOTING_COLUMNS), votes)
+    out.close({})
+    rows = list(csv.reader(open(tmp_path / "o.csv")))
+    assert rows[0] == ["cell_id", "cluster", "majority_label", "majority_share"] and len(rows) == 31
+    assert all(r == [f"c{i}", str(i // 4), "ab"[i % 2], f"{i / 30:.5f}"] for i, r in enumerate(rows[1:]))
