@@ -308,6 +308,8 @@ class H5adFile:
         """The ids of cells start..stop-1 (of the range or view opened)."""
         if self.positions is not None:
             return self._view_ids[start:stop]
+        if self.is_hdf5 and not self.file:
+            raise SclError(f"{self.path}: the file is closed; read its cell ids while it is open (inside `with annotator.open(...)`).")
         return read_index(self.obs_index, slice(self.first_row + start, self.first_row + stop))
 
     def id_chunks(self, size: int = 1_000_000):

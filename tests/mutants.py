@@ -121,6 +121,8 @@ MUTANTS = [
      ["tests/test_voting.py::test_above_fit_cells_the_centres_come_from_a_sample_and_every_cell_is_assigned"]),
     ("lazy chunks out of order", "runtime/lazy_result.py", "        return da.concatenate(pieces, axis=0)", "        return da.concatenate(pieces[::-1], axis=0)",
      ["tests/test_dask.py::test_lazy_results_are_dask_arrays_computed_once_per_chunk_on_the_cluster"]),
+    ("dask tasks off the block grid", "runtime/on_dask.py", "max(batch, round((task_cells or TASK_CELLS) / batch) * batch)", "task_cells or TASK_CELLS",
+     ["tests/test_dask.py::test_int8_tasks_start_on_block_boundaries_so_the_output_equals_the_plain_run"]),
     ("the first block's values never checked", "runtime/expression.py", "        check_values(first[1], self.path, first[0])\n", "",
      ["tests/test_bad_input.py"]),
 ]

@@ -181,8 +181,11 @@ def test_a_worker_refuses_a_model_file_that_is_not_the_caller_s(exported, pbmc_p
     annotator = scl.Annotator(exported)
     with annotator.open(str(pbmc_path)) as source:
         job = on_dask.make_job(annotator, AnnotateOptions(progress=False), source)
+        ids = source.cell_ids
+    with pytest.raises(scl.SclError, match="the file is closed; read its cell ids while it is open"):
+        source.cell_ids
     block = on_dask.annotate_cells(job, str(pbmc_path), 10, 20)
-    assert list(block.cell_ids) == list(source.cell_ids[10:20])
+    assert list(block.cell_ids) == list(ids[10:20])
     with pytest.raises(scl.SclError, match="not the caller's model"):
         on_dask.annotate_cells(replace(job, key="other", digest="0" * 64), str(pbmc_path), 0, 10)
 
@@ -213,6 +216,17 @@ def test_a_worker_killed_mid_run_has_its_cells_run_again_and_the_output_is_whole
     assert report.cells == 22400 and list(written.index) == list(plain.cell_ids)
     assert (written["label"].astype(str).to_numpy() == plain.predicted_labels.astype(str)).all()
     assert np.allclose(written["confidence"].to_numpy(), plain.calls["confidence"], atol=1e-5)
+
+
+def test_int8_tasks_start_on_block_boundaries_so_the_output_equals_the_plain_run(exported, pbmc_path, tmp_path, client):
+    """int8 scales each block's input as a whole, so a cell's result depends on its block: tasks of 700 cells start on
+    multiples of the 256-cell blocks (768), and the CSV is byte for byte the plain run's."""
+    int8 = exported.with_name("model.int8.onnx")
+    code, _, stderr = run("scl-annotate", pbmc_path, "--model", int8, "--output", tmp_path / "plain.csv", "--probabilities", "--quiet")
+    assert code == 0, stderr
+    report = annotate_file(str(pbmc_path), str(tmp_path / "dask.csv"), scl.Annotator(int8), ReadOptions(), AnnotateOptions(progress=False),
+                           probabilities=True, client=client, task_cells=700)
+    assert report.cells == 2800 and (tmp_path / "plain.csv").read_text() == (tmp_path / "dask.csv").read_text()
 
 
 def test_dask_refusals_are_one_line(exported, pbmc_path, small_data, tmp_path):
