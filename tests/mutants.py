@@ -125,6 +125,10 @@ MUTANTS = [
      ["tests/test_dask.py::test_int8_tasks_start_on_block_boundaries_so_the_output_equals_the_plain_run"]),
     ("the first block's values never checked", "runtime/expression.py", "        check_values(first[1], self.path, first[0])\n", "",
      ["tests/test_bad_input.py"]),
+    ("every process trains on the whole batch", "train/distributed.py", "return index[self.rank :: self.world_size] if self.several else index",
+     "return index", ["tests/test_distributed.py"]),
+    ("a run folder written in place", "train/finetune.py", "with atomic_folder(config.out) as out_dir:", "with __import__('contextlib').nullcontext(config.out) as out_dir:",
+     ["tests/test_hardening.py::test_a_run_that_fails_after_training_leaves_no_run_folder_and_out_must_be_new"]),
 ]
 
 

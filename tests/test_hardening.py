@@ -99,6 +99,21 @@ def test_two_classes_train_and_a_finished_run_is_refused_before_training(base_di
     assert "LoRA" not in stderr  # refused before training began: no progress bar
 
 
+def test_a_run_that_fails_after_training_leaves_no_run_folder_and_out_must_be_new(base_dir, small_data, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--out", full, "--epochs", "1")
+    assert code == 1 and "already holds files" in stderr and "LoRA" not in stderr  # refused before training
+    assert [p.name for p in full.iterdir()] == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
+    # the forgetting cells are read after training, while the run folder is being written: it fails whole
+    code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--val-data", small_data / "val.h5ad",
+                          "--forgetting-data", small_data / "brain.h5ad", "--forgetting-label-key", "no_such_column",
+                          "--out", tmp_path / "run", "--epochs", "1", "--quiet")
+    assert code == 1 and "no_such_column" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no run folder, whole or half, and no temporary one
+
+
 def test_odd_python_inputs_give_the_same_calls_or_one_line(annotator, pbmc_small):
     from fractions import Fraction
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from scl.runtime.atomic import atomic_folder
 from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
 from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
@@ -31,6 +32,7 @@ from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled
 from .device import autocast, resolve_device, seed_everything
+from .distributed import Processes, lost_peers, start, stop
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .head import CellHead, fit_head, head_logits, lora_trained_head, marker_genes
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -39,7 +41,7 @@ from .centroids import class_centroids, unit
 from .epoch_choice import EpochChoice, log_loss
 from .schedule import lr_schedule
 from .roles import TrainingCells, training_cells
-from .run_dir import prepare_run_dir, refuse_finished_run, write_run
+from .run_dir import refuse_used_out, write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
     return [name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -131,14 +133,31 @@ class FullFinetuneClassifier(EncoderClassifier):
         return super().parameter_counts() | {"lora": 0, "encoder": sum(p.numel() for p in self.encoder.parameters())}
 
 
+class TrainStep(torch.nn.Module):
+    """The modules a training step runs, as one module DistributedDataParallel can wrap."""
+
+    def __init__(self, model: EncoderClassifier):
+        super().__init__()
+        self.encoder, self.head, self.decoder = model.encoder, model.head, model.decoder
+
+    def forward(self, x: torch.Tensor, reconstruct: bool):
+        z = self.encoder(x)
+        return z, self.head(z), self.decoder(z) if reconstruct else None
+
+
 def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe, loss_kind: str, config: FinetuneConfig, device,
-               progress: bool, classifier: type[EncoderClassifier] = LoraClassifier) -> tuple[EncoderClassifier, list[dict], int]:
+               progress: bool, classifier: type[EncoderClassifier] = LoraClassifier,
+               processes: Processes = Processes()) -> tuple[EncoderClassifier, list[dict], int]:
     """Train the classifier on `cells.train`, choosing its epoch on `cells.validation`: (model at the best epoch,
-    one history row per epoch, the best epoch)."""
+    one history row per epoch, the best epoch). Under torchrun each process trains on its share of every batch."""
     train, y_train, val, y_val, classes = cells.train, cells.y_train, cells.validation, cells.y_val, cells.classes
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    # triplet mining draws as many numbers as its batch asks for: on several processes it gets its own generator, so
+    # that the batch order (from `gen`) stays the same on all of them
+    triplet_gen = torch.Generator().manual_seed(config.seed + 1 + processes.rank) if processes.several else gen
     model = classifier(base, probe, config, device)
+    step = processes.wrap(TrainStep(model), device)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
     batch_size = min(config.batch_size, len(y_train))
@@ -146,33 +165,36 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
     y_train_t = torch.from_numpy(y_train).to(device)
     use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
     history, choice = [], EpochChoice(config.patience)
-    bar = tqdm(range(config.epochs), desc=f"LoRA {loss_kind}", unit="epoch", disable=not progress)
+    bar = tqdm(range(config.epochs), desc=f"LoRA {loss_kind}", unit="epoch", disable=not progress or not processes.is_main)
     for epoch in bar:
         model.train_mode()
-        sums, n, started = np.zeros(4), 0, time.perf_counter()
+        sums, n, cells_stepped, started = np.zeros(4), 0, 0, time.perf_counter()
         for index in batches(len(y_train), batch_size, gen):
+            index = processes.share(index)
             x = dense(train.x, index, device)
             with autocast(device):
-                z = model.encoder(x)
-                ce = F.cross_entropy(model.head(z).float(), y_train_t[index])
-                recon = F.mse_loss(model.decoder(z).float(), x) if use_recon else torch.zeros((), device=device)
-            triplet = semihard_triplet_loss(z.float(), y_train_t[index], config.margin, gen) if use_triplet else torch.zeros((), device=device)
+                z, logits, reconstruction = step(x, use_recon)
+                ce = F.cross_entropy(logits.float(), y_train_t[index])
+                recon = F.mse_loss(reconstruction.float(), x) if use_recon else torch.zeros((), device=device)
+            triplet = semihard_triplet_loss(z.float(), y_train_t[index], config.margin, triplet_gen) if use_triplet else torch.zeros((), device=device)
             loss = ce + config.triplet_weight * triplet + config.recon_weight * recon
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
             sums += [loss.item(), ce.item(), triplet.item(), recon.item()]
-            n += 1
+            n, cells_stepped = n + 1, cells_stepped + len(index)
         train_seconds = time.perf_counter() - started
         z_val = embed(model.encoder, val.x, device)
         p_val = model.probabilities(z_val, device)
         val_f1, val_loss = classification_metrics(y_val, p_val, classes)["macro_f1"], log_loss(p_val, y_val)
-        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), (sums / max(n, 1)).round(5).tolist())),
-               "val_macro_f1": round(val_f1, 5), "val_loss": round(val_loss, 5), "train_seconds": round(train_seconds, 2)}
+        means = processes.average(sums / max(n, 1))
+        row = {"epoch": epoch + 1, **dict(zip(("loss", "ce", "triplet", "recon"), means.round(5).tolist())),
+               "val_macro_f1": round(val_f1, 5), "val_loss": round(val_loss, 5), "train_seconds": round(train_seconds, 2),
+               "cells_a_process": cells_stepped}
         history.append(row)
         bar.set_postfix(loss=row["loss"], val_f1=row["val_macro_f1"])
-        if choice.offer(epoch + 1, val_f1, val_loss, model.trainable_state):
+        if processes.agree(choice.offer(epoch + 1, val_f1, val_loss, model.trainable_state)):
             break
     model.load_trainable_state(choice.state)
     return model, history, choice.epoch
@@ -200,13 +222,23 @@ def sanity_checks(model: LoraClassifier, base: SCimilarityModel, val: LabelledCe
     return merged, checks, z_merged
 
 
-def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict:
+def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = False) -> dict | None:
+    """Train, measure and write RUN_DIR (config.out) in one step: it appears whole or not at all. Returns what
+    metrics.json holds; under torchrun, on rank 0 (the others return None)."""
     if config.loss not in LOSSES:
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
     if config.schedule not in SCHEDULES:
         raise SclError(f"--schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
-    refuse_finished_run(config.out)
-    device = resolve_device(config.device)
+    refuse_used_out(config.out)
+    processes, device = start(resolve_device(config.device))
+    try:
+        processes.refuse_small_batches(config.batch_size)
+        return _finetune(config, processes, device, progress, ablation)
+    finally:
+        stop()
+
+
+def _finetune(config: FinetuneConfig, processes: Processes, device, progress: bool, ablation: bool) -> dict | None:
     base = load_model_dir(config.base_model)
     cells = training_cells(config, base)
     train, val, classes, y_train, y_val = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val
@@ -224,12 +256,23 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
 
     runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
     results = {}
-    for loss_kind in runs:
-        model, history, best_epoch = train_lora(base, cells, probe, loss_kind, config, device, progress)
-        results[loss_kind] = (model, history, best_epoch)
+    with lost_peers(processes):
+        for loss_kind in runs:
+            results[loss_kind] = train_lora(base, cells, probe, loss_kind, config, device, progress, processes=processes)
+    if not processes.is_main:
+        return None
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(config.out) as out_dir:
+        return measure_and_write(Path(out_dir), results, base, cells, methods, config, device, processes, ablation)
+
+
+def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cells: TrainingCells, methods: dict, config: FinetuneConfig,
+                      device, processes: Processes, ablation: bool) -> dict:
+    """After training: merge, fit the shipped head, calibrate, measure and write the run into `out_dir`."""
+    train, val, classes, y_train, y_val = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val
+    base_decoder = base.decoder.to(device)
     model, history, best_epoch = results[config.loss]
     counts = model.parameter_counts()
-    out_dir = prepare_run_dir(config.out)
     model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
     merged, checks, z_val = sanity_checks(model, base, val, device)
     z_train = embed(merged, train.x, device)
@@ -246,6 +289,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     metrics = {
         "config": config.to_dict(),
         "device": str(device),
+        "processes": processes.describe(),
         "cells": {"train": len(train), "validation": len(val), "calibration": len(cells.calibration)},
         "classes": classes,
         "parameters": counts,

@@ -16,6 +16,11 @@ from .config import LOSSES, RECIPES, SCHEDULES, FinetuneConfig
   scl-train --base-model my_base --data demo_out/data/pbmc_train.h5ad --label-key cell_type \\
       --val-data demo_out/data/pbmc_heldout.h5ad --forgetting-data train/demo_data/brain_demo.h5ad --out my_run
 
+Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
+
+\b
+  torchrun --nproc-per-node 2 -m scl.train.finetune_cli --base-model my_base --data train.h5ad --out my_run
+
 Three roles never share a cell: training, validation (picks the epoch) and calibration
 (temperature, prediction sets, novelty p-values). Calibration cells are the ones the base held out
 (scl-pretrain --holdout) or --calibration-data; with a base that saw them all it warns.
@@ -71,6 +76,8 @@ def main(ctx, quiet, ablation, recipe, **options):
     from .report import calibration_lines
 
     metrics = finetune(FinetuneConfig(**options), progress=not quiet, ablation=ablation)
+    if metrics is None:  # one of several processes under torchrun, not rank 0: rank 0 reports and writes
+        return
     p = metrics["parameters"]
     click.echo(f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({100 * p['trainable'] / p['total']:.2f}%)")
     click.echo(f"{'method':<16}{'top1':>8}{'macro-F1':>10}{'bal.acc':>9}")
@@ -85,3 +92,7 @@ def main(ctx, quiet, ablation, recipe, **options):
     click.echo(f"wrote {options['out']}/ (report.md, metrics.json, model/, adapter/, head.pt)")
     if not checks["passed"]:
         raise SystemExit(3)
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m scl.train.finetune_cli ...
+    main()

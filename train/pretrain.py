@@ -15,6 +15,7 @@ from scl.runtime.integrity import file_sha256
 from .config import PretrainConfig
 from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
+from .distributed import Processes, lost_peers, start, stop
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
 from .nn import Decoder, Encoder
@@ -27,18 +28,29 @@ from .nn import Decoder, Encoder
 NARROW_EMBEDDING_STD = 0.01
 
 
-def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, dict]:
-    """Train, write the model directory and its pretrain.json; returns the model and what pretrain.json holds."""
+def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, dict] | None:
+    """Train, write the model directory and its pretrain.json; returns the model and what pretrain.json holds (under
+    torchrun on rank 0; the other processes return None)."""
     seed_everything(config.seed)
-    device = resolve_device(config.device)
-    options = ReadOptions(min_genes=config.min_genes)
-    genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
-    cells, held_out = hold_out(config, genes, options)
-    refuse_tiny_classes(cells.labels, ", ".join(config.data))
-    model, history = train_base(cells, genes, config, device, progress)
+    processes, device = start(resolve_device(config.device))
+    try:
+        processes.refuse_small_batches(config.batch_size)
+        options = ReadOptions(min_genes=config.min_genes)
+        genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
+        cells, held_out = hold_out(config, genes, options)
+        refuse_tiny_classes(cells.labels, ", ".join(config.data))
+        with lost_peers(processes):
+            model, history = train_base(cells, genes, config, device, progress, processes)
+        return write_base(model, history, cells, held_out, config, processes) if processes.is_main else None
+    finally:
+        stop()
+
+
+def write_base(model: SCimilarityModel, history: list[dict], cells: LabelledCells, held_out: dict, config: PretrainConfig,
+               processes: Processes) -> tuple[SCimilarityModel, dict]:
     save_model_dir(config.out, model)
-    summary = {"config": config.to_dict(), "history": history, "embedding_feature_std": embedding_spread(model.encoder, cells),
-               "held_out": held_out}
+    summary = {"config": config.to_dict(), "processes": processes.describe(), "history": history,
+               "embedding_feature_std": embedding_spread(model.encoder, cells), "held_out": held_out}
     (Path(config.out) / "pretrain.json").write_text(json.dumps(summary, indent=1))
     return model, summary
 
@@ -70,28 +82,45 @@ def narrow_embedding_warning(spread: float, latent_dim: int) -> str | None:
             "which float rounding and int8 punish; on small data train again with --triplet-weight 0.5.")
 
 
-def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, device, progress: bool) -> tuple[SCimilarityModel, list[dict]]:
+class Autoencoder(torch.nn.Module):
+    """Encoder and decoder as one module DistributedDataParallel can wrap: (embedding, reconstruction)."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        return z, self.decoder(z)
+
+
+def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, device, progress: bool,
+               processes: Processes = Processes()) -> tuple[SCimilarityModel, list[dict]]:
+    """Under torchrun each process trains on its share of every batch (batch norm's statistics over that share)."""
     classes, label_ids = np.unique(cells.labels, return_inverse=True)
     label_ids = torch.from_numpy(label_ids).to(device)
     encoder = Encoder(len(genes), config.latent_dim, config.hidden_dim).to(device)
     decoder = Decoder(len(genes), config.latent_dim, list(reversed(config.hidden_dim))).to(device)
+    step = processes.wrap(Autoencoder(encoder, decoder), device)
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     gen = torch.Generator().manual_seed(config.seed)
+    triplet_gen = torch.Generator().manual_seed(config.seed + 1 + processes.rank) if processes.several else gen  # as in finetune.train_lora
     w = config.triplet_weight
     history = []
-    bar = tqdm(range(config.epochs), desc="pretrain", unit="epoch", disable=not progress)
+    bar = tqdm(range(config.epochs), desc="pretrain", unit="epoch", disable=not progress or not processes.is_main)
     for epoch in bar:
         encoder.train(), decoder.train()
         totals = np.zeros(3)
         n_batches = 0
         for index in batches(len(cells), min(config.batch_size, len(cells)), gen):
+            index = processes.share(index)
             x = dense(cells.x, index, device)
             with autocast(device):
-                z = encoder(x)
-                mse = torch.nn.functional.mse_loss(decoder(z).float(), x)
-            triplet = semihard_triplet_loss(z.float(), label_ids[index], config.margin, gen)
+                z, reconstruction = step(x)
+                mse = torch.nn.functional.mse_loss(reconstruction.float(), x)
+            triplet = semihard_triplet_loss(z.float(), label_ids[index], config.margin, triplet_gen)
             loss = w * triplet + (1 - w) * mse
             optimizer.zero_grad()
             loss.backward()
@@ -99,7 +128,7 @@ def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, d
             totals += [loss.item(), triplet.item(), mse.item()]
             n_batches += 1
         scheduler.step()
-        row = dict(zip(("loss", "triplet", "mse"), (totals / max(n_batches, 1)).round(5)), epoch=epoch + 1)
+        row = dict(zip(("loss", "triplet", "mse"), processes.average(totals / max(n_batches, 1)).round(5)), epoch=epoch + 1)
         history.append(row)
         bar.set_postfix(loss=row["loss"], triplet=row["triplet"], mse=row["mse"])
     return SCimilarityModel(encoder.cpu().eval(), decoder.cpu().eval(), genes, list(classes)), history

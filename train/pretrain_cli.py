@@ -32,7 +32,12 @@ checkout after `make demo`; --triplet-weight 0.5 because a thousand cells are fe
 The directory it writes (encoder.ckpt, decoder.ckpt, layer_sizes.json, gene_order.tsv,
 label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model. A fifth of each
 file's cells (--holdout) is kept out of training and named in pretrain.json: scl-train on the same
-file calibrates on exactly those, the only cells no stage has seen."""
+file calibrates on exactly those, the only cells no stage has seen.
+
+Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
+
+\b
+  torchrun --nproc-per-node 2 -m scl.train.pretrain_cli --data a.h5ad --data b.h5ad --out my_base"""
 )
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad file; repeat for several.")
 @click.option("--label-key", default="cell_type", show_default=True, help="obs column with the cell-type labels.")
@@ -58,7 +63,10 @@ def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, l
         data=list(data), label_key=label_key, out=out, gene_order=gene_order, hidden_dim=_ints(hidden), latent_dim=latent,
         epochs=epochs, batch_size=batch_size, lr=lr, triplet_weight=triplet_weight, holdout=holdout, min_genes=min_genes, seed=seed, device=device,
     )
-    model, summary = pretrain(config)
+    written = pretrain(config)
+    if written is None:  # one of several processes under torchrun, not rank 0: rank 0 reports and writes
+        return
+    model, summary = written
     history, spread = summary["history"], summary["embedding_feature_std"]
     click.echo(f"wrote {out}: {len(model.gene_order)} genes -> {model.hidden_dim} -> {model.latent_dim}, {len(model.labels)} labels; "
                f"last epoch loss {history[-1]['loss'] if history else 'n/a'}; embedding per-feature std {spread:.4f}")
@@ -68,3 +76,7 @@ def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, l
     warning = narrow_embedding_warning(spread, latent)
     if warning:
         click.echo(warning, err=True)
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m scl.train.pretrain_cli ...
+    main()

@@ -134,11 +134,16 @@ def head_section(metrics: dict) -> list[str]:
             "The genes with the largest weights per class:\n", _table(["class", "genes"], rows)]
 
 
+def _processes(metrics: dict) -> str:
+    processes = metrics.get("processes", {}).get("processes", 1)  # runs from before torchrun record none
+    return f" on {processes} processes ({metrics['processes']['backend']}, torchrun)" if processes > 1 else ""
+
+
 def write_report(run: Path, metrics: dict) -> None:
     methods = metrics["methods"]
     classes = metrics["classes"]
     parts = [f"# scl-train report\n\nBase model `{metrics['config']['base_model']}`, data `{metrics['config']['data']}` "
-             f"({metrics['cells']['train']} training, {metrics['cells']['validation']} validation cells), device {metrics['device']}.\n"
+             f"({metrics['cells']['train']} training, {metrics['cells']['validation']} validation cells), device {metrics['device']}{_processes(metrics)}.\n"
              f"Trainable parameters: {metrics['parameters']['trainable']:,} of {metrics['parameters']['total']:,} "
              f"(LoRA {metrics['parameters']['lora']:,}, head {metrics['parameters']['head']:,}); {epoch_line(metrics['epochs'])}.\n",
              *_headline(metrics),
