@@ -97,3 +97,20 @@ def wait_for_rank(torchrun_pid: int, rank: int, seconds: float = 60) -> int:
                 return pid
         time.sleep(0.2)
     raise AssertionError(f"torchrun started no process of rank {rank} in {seconds} s")
+
+
+def test_scl_pretrain_under_torchrun_writes_one_base(small_data, scimilarity_genes, tmp_path):
+    import json
+
+    from scl.train.model_dir import load_model_dir
+    from conftest import shared_file
+
+    job = torchrun("scl.train.pretrain_cli", "--data", small_data / "train.h5ad", "--data", small_data / "brain.h5ad",
+                   "--gene-order", shared_file("scimilarity_gene_order.tsv"), "--out", tmp_path / "base", "--hidden", "64,32",
+                   "--latent", "16", "--epochs", "2", "--batch-size", "64")
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr
+    assert stdout.count("wrote ") == 1
+    summary = json.loads((tmp_path / "base" / "pretrain.json").read_text())
+    assert summary["processes"] == {"processes": 2, "backend": "gloo"} and len(summary["history"]) == 2
+    assert load_model_dir(tmp_path / "base").gene_order == scimilarity_genes
