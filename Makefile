@@ -13,8 +13,9 @@ setup:
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu,train,serve,voting,zarr,reference,dask,dev,bench,docs]"
 
+# two test processes (pytest-xdist); tests that share an expensive module fixture carry one xdist_group
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # while developing: readers, genes, normalisation, calls, bad input and model directories; no training (under a minute)
 test-fast:

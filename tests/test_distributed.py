@@ -11,6 +11,8 @@ import pytest
 
 from conftest import BIN, run
 
+pytestmark = pytest.mark.xdist_group("torchrun")  # one test process builds the module's runs and starts the torchruns
+
 # the same run on one and on two processes; cross-entropy only and no dropout, so that nothing random differs between
 # them (triplets are mined within each process's share of a batch, and dropout masks are drawn per process)
 SAME_RUN = ("--epochs", "3", "--patience", "3", "--loss", "ce", "--lora-dropout", "0", "--head-genes", "0", "--batch-size", "32", "--quiet")

@@ -34,6 +34,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL takes CUDA tensors only)
 
     @property
     def several(self) -> bool:
@@ -62,7 +63,7 @@ class Processes:
         """Rank 0's flag on every process (whether to stop: all must leave the loop at the same step)."""
         if not self.several:
             return flag
-        tensor = torch.tensor([int(flag)])
+        tensor = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(tensor, src=0)
         return bool(tensor.item())
 
@@ -70,9 +71,9 @@ class Processes:
         """The mean over the processes of each one's `values` (an epoch's mean losses: the whole batches' then)."""
         if not self.several:
             return values
-        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
+        tensor = torch.tensor(np.asarray(values, dtype=np.float64), device=self.device)
         dist.all_reduce(tensor)
-        return tensor.numpy() / self.world_size
+        return tensor.cpu().numpy() / self.world_size
 
     def describe(self) -> dict:
         return {"processes": self.world_size, "backend": dist.get_backend() if self.several else None}
@@ -83,15 +84,16 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes(), device
-    processes = Processes(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not processes.is_main:  # rank 0 says it once
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if rank:  # rank 0 says it once
         logging.getLogger("scl").setLevel(logging.ERROR)
     if device.type == "cuda":
-        if processes.local_rank >= torch.cuda.device_count():
+        if local_rank >= torch.cuda.device_count():
             raise SclError(f"--nproc-per-node asks for {world_size} processes on this machine but torch sees {torch.cuda.device_count()} GPU(s); "
                            "start at most one process per GPU.")
-        device = torch.device("cuda", processes.local_rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    processes = Processes(rank, world_size, local_rank, device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return processes, device

@@ -19,7 +19,7 @@ from .config import LOSSES, RECIPES, SCHEDULES, FinetuneConfig
 Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
 
 \b
-  torchrun --nproc-per-node 2 -m scl.train.finetune_cli --base-model my_base --data train.h5ad --out my_run
+  torchrun --standalone --nproc-per-node 2 -m scl.train.finetune_cli --base-model my_base --data train.h5ad --out my_run
 
 Three roles never share a cell: training, validation (picks the epoch) and calibration
 (temperature, prediction sets, novelty p-values). Calibration cells are the ones the base held out
@@ -32,7 +32,7 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--base-model", required=True, type=click.Path(exists=True, file_okay=False), help="SCimilarity model directory (official v1.1 or from scl-pretrain).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled training .h5ad.")
 @click.option("--label-key", default="cell_type", show_default=True, help="obs column with the labels.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN_DIR to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN_DIR to create: a new folder, or an empty one (the finished run appears whole, under this name).")
 @click.option("--val-data", type=click.Path(exists=True, dir_okay=False), help="Labelled validation .h5ad; default: a stratified split of --data.")
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--calibration-data", type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad used only to calibrate (temperature, "

@@ -37,7 +37,7 @@ file calibrates on exactly those, the only cells no stage has seen.
 Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
 
 \b
-  torchrun --nproc-per-node 2 -m scl.train.pretrain_cli --data a.h5ad --data b.h5ad --out my_base"""
+  torchrun --standalone --nproc-per-node 2 -m scl.train.pretrain_cli --data a.h5ad --data b.h5ad --out my_base"""
 )
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad file; repeat for several.")
 @click.option("--label-key", default="cell_type", show_default=True, help="obs column with the cell-type labels.")
