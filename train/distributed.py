@@ -48,6 +48,11 @@ class Processes:
         """This process's part of a batch every process drew alike."""
         return index[self.rank :: self.world_size] if self.several else index
 
+    def own_generator(self, shared: torch.Generator, seed: int) -> torch.Generator:
+        """The generator for what each process draws for itself (triplet mining draws as many numbers as its share
+        asks for): on several processes one of its own, so that `shared` (the batch order) stays in step on all."""
+        return torch.Generator().manual_seed(seed + 1 + self.rank) if self.several else shared
+
     def refuse_small_batches(self, batch_size: int) -> None:
         if self.several and batch_size < 2 * self.world_size:
             raise SclError(f"--batch-size {batch_size} on {self.world_size} processes leaves fewer than 2 cells a process per step; "

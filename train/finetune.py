@@ -153,9 +153,7 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
     train, y_train, val, y_val, classes = cells.train, cells.y_train, cells.validation, cells.y_val, cells.classes
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    # triplet mining draws as many numbers as its batch asks for: on several processes it gets its own generator, so
-    # that the batch order (from `gen`) stays the same on all of them
-    triplet_gen = torch.Generator().manual_seed(config.seed + 1 + processes.rank) if processes.several else gen
+    triplet_gen = processes.own_generator(gen, config.seed)
     model = classifier(base, probe, config, device)
     step = processes.wrap(TrainStep(model), device)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]

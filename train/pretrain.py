@@ -106,7 +106,7 @@ def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, d
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     gen = torch.Generator().manual_seed(config.seed)
-    triplet_gen = torch.Generator().manual_seed(config.seed + 1 + processes.rank) if processes.several else gen  # as in finetune.train_lora
+    triplet_gen = processes.own_generator(gen, config.seed)
     w = config.triplet_weight
     history = []
     bar = tqdm(range(config.epochs), desc="pretrain", unit="epoch", disable=not progress or not processes.is_main)
