@@ -218,6 +218,22 @@ def test_dask_scale_smoke_run(tmp_path):
     assert "Projection for 10^8 cells" in next(tmp_path.glob("*-dask-smoke.md")).read_text()
 
 
+def test_train_processes_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_processes.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-train-processes-smoke.json")).read_text())
+    assert list(result["runs"]) == ["1 process (scl-train)", "2 processes (torchrun, gloo)"]
+    assert all(r["cells_per_s"] > 0 and r["train_cells"] == 192 for r in result["runs"].values())
+    assert result["runs"]["1 process (scl-train)"]["ratio_to_one"] == 1.0
+
+
+def test_row_reads_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "row_reads.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*-row-reads-smoke.json")).read_text())
+    assert len(result["orders"]) == 5 and all(o["cells_per_s"] > 0 for o in result["orders"].values())
+
+
 def test_voting_scale_smoke_run(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "voting_scale.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
