@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .cli_errors import raise_if_stopped
+from .errors import SclError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -70,6 +71,19 @@ def atomic_path(path, suffix: str = ""):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def refuse_used_folder(path, command: str, finished: tuple[str, str]) -> None:
+    """Before any work, for a folder that atomic_folder will replace whole: `path` must be new or an empty folder, so
+    that neither a finished result (`finished`: its marker file and what it is) nor anyone's files are lost."""
+    path = Path(path)
+    marker, what = finished
+    if (path / marker).exists():
+        raise SclError(f"{path}: already holds {what} ({marker}); choose another --out or delete it first.", "out")
+    if path.exists() and not path.is_dir():
+        raise SclError(f"{path}: is a file; --out names the folder {command} creates.", "out")
+    if path.is_dir() and any(path.iterdir()):
+        raise SclError(f"{path}: already holds files; {command} writes a new folder: choose another --out or empty it.", "out")
 
 
 @contextlib.contextmanager

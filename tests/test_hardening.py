@@ -105,6 +105,10 @@ def test_a_run_that_fails_after_training_leaves_no_run_folder_and_out_must_be_ne
     (full / "notes.txt").write_text("mine")
     code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--out", full, "--epochs", "1")
     assert code == 1 and "already holds files" in stderr and "LoRA" not in stderr  # refused before training
+    code, _, stderr = run("scl-pretrain", "--data", small_data / "train.h5ad", "--out", full, "--epochs", "1")
+    assert code == 1 and "already holds files; scl-pretrain writes a new folder" in stderr and "pretrain" not in stderr.split("Error")[0]
+    code, _, stderr = run("scl-pretrain", "--data", small_data / "train.h5ad", "--out", base_dir, "--epochs", "1")
+    assert code == 1 and "already holds a model (encoder.ckpt)" in stderr
     assert [p.name for p in full.iterdir()] == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
     # the forgetting cells are read after training, while the run folder is being written: it fails whole
     code, _, stderr = run("scl-train", "--base-model", base_dir, "--data", small_data / "train.h5ad", "--val-data", small_data / "val.h5ad",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from scl.runtime.atomic import atomic_folder
+from scl.runtime.atomic import atomic_folder, refuse_used_folder
 from scl.runtime.calls import NOVELTY_ALPHA, cosine_distance
 from scl.runtime.conformal import Calibration
 from scl.runtime.errors import SclError
@@ -41,7 +41,7 @@ from .centroids import class_centroids, unit
 from .epoch_choice import EpochChoice, log_loss
 from .schedule import lr_schedule
 from .roles import TrainingCells, training_cells
-from .run_dir import refuse_used_out, write_run
+from .run_dir import write_run
 
 def linear_layer_names(encoder: torch.nn.Module) -> list[str]:
     return [name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -227,7 +227,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
         raise SclError(f"--loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
     if config.schedule not in SCHEDULES:
         raise SclError(f"--schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
-    refuse_used_out(config.out)
+    refuse_used_folder(config.out, "scl-train", ("metrics.json", "a finished run"))
     processes, device = start(resolve_device(config.device))
     try:
         processes.refuse_small_batches(config.batch_size)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scl.runtime.atomic import atomic_folder, refuse_used_folder
 from scl.runtime.expression import ReadOptions
 from scl.runtime.integrity import file_sha256
 
@@ -31,6 +32,7 @@ NARROW_EMBEDDING_STD = 0.01
 def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarityModel, dict] | None:
     """Train, write the model directory and its pretrain.json; returns the model and what pretrain.json holds (under
     torchrun on rank 0; the other processes return None)."""
+    refuse_used_folder(config.out, "scl-pretrain", ("encoder.ckpt", "a model"))
     seed_everything(config.seed)
     processes, device = start(resolve_device(config.device))
     try:
@@ -48,10 +50,13 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
 
 def write_base(model: SCimilarityModel, history: list[dict], cells: LabelledCells, held_out: dict, config: PretrainConfig,
                processes: Processes) -> tuple[SCimilarityModel, dict]:
-    save_model_dir(config.out, model)
+    """The model folder and its pretrain.json, written under a temporary name and renamed: whole or not at all."""
     summary = {"config": config.to_dict(), "processes": processes.describe(), "history": history,
                "embedding_feature_std": embedding_spread(model.encoder, cells), "held_out": held_out}
-    (Path(config.out) / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(config.out) as tmp:
+        save_model_dir(tmp, model)
+        (Path(tmp) / "pretrain.json").write_text(json.dumps(summary, indent=1))
     return model, summary
 
 

@@ -38,18 +38,6 @@ class TrainedRun:
     calibration: Calibration | None = None  # None in runs written before calibration
 
 
-def refuse_used_out(path) -> None:
-    """Before any training: RUN_DIR is new (or an empty folder), since the finished run replaces it whole; a finished
-    run or anyone's files are never written over."""
-    path = Path(path)
-    if (path / "metrics.json").exists():
-        raise SclError(f"{path}: already holds a finished run (metrics.json); choose another --out or delete it first.", "out")
-    if path.exists() and not path.is_dir():
-        raise SclError(f"{path}: is a file; --out names the folder scl-train creates for the run.", "out")
-    if path.is_dir() and any(path.iterdir()):
-        raise SclError(f"{path}: already holds files (no finished run); scl-train writes a new folder: choose another --out or empty it.", "out")
-
-
 def write_run(path: Path, model: SCimilarityModel, head: CellHead, centroids: np.ndarray, calibration: Calibration, metrics: dict) -> None:
     from .report import write_report
 
