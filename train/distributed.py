@@ -34,7 +34,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL takes CUDA tensors only)
+    device: torch.device = torch.device("cpu")  # where this process trains, and collectives' tensors live (NCCL: CUDA only)
 
     @property
     def several(self) -> bool:
@@ -58,10 +58,10 @@ class Processes:
             raise SclError(f"--batch-size {batch_size} on {self.world_size} processes leaves fewer than 2 cells a process per step; "
                            f"give --batch-size {2 * self.world_size} or more.")
 
-    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self.several:
             return module
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def agree(self, flag: bool) -> bool:
@@ -84,11 +84,24 @@ class Processes:
         return {"processes": self.world_size, "backend": dist.get_backend() if self.several else None}
 
 
-def start(device: torch.device) -> tuple[Processes, torch.device]:
-    """Join the process group torchrun set up (one process: nothing to join); the device this process trains on."""
+@contextlib.contextmanager
+def training_processes(device: torch.device, batch_size: int):
+    """This process among those torchrun started (or the single one: Processes(device=device)), joined to the others
+    for the block and parted from them after it, whatever happens; a batch too small to share is refused first."""
+    processes = _join(device)
+    try:
+        processes.refuse_small_batches(batch_size)
+        yield processes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _join(device: torch.device) -> Processes:
+    """Join the process group torchrun set up (one process: nothing to join), on this process's GPU when training on CUDA."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Processes(), device
+        return Processes(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if rank:  # rank 0 says it once
         logging.getLogger("scl").setLevel(logging.ERROR)
@@ -98,15 +111,9 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
                            "start at most one process per GPU.")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    processes = Processes(rank, world_size, local_rank, device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-    return processes, device
-
-
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return Processes(rank, world_size, local_rank, device)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
 from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled
 from .device import autocast, resolve_device, seed_everything
-from .distributed import Processes, lost_peers, start, stop
+from .distributed import Processes, lost_peers, training_processes
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
 from .head import CellHead, fit_head, head_logits, lora_trained_head, marker_genes
 from .losses import batch_hard_triplet_loss, semihard_triplet_loss
@@ -155,7 +155,7 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
     gen = torch.Generator().manual_seed(config.seed)
     triplet_gen = processes.own_generator(gen, config.seed)
     model = classifier(base, probe, config, device)
-    step = processes.wrap(TrainStep(model), device)
+    step = processes.wrap(TrainStep(model))
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
     batch_size = min(config.batch_size, len(y_train))
@@ -228,12 +228,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
     if config.schedule not in SCHEDULES:
         raise SclError(f"--schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
     refuse_used_folder(config.out, "scl-train", ("metrics.json", "a finished run"))
-    processes, device = start(resolve_device(config.device))
-    try:
-        processes.refuse_small_batches(config.batch_size)
-        return _finetune(config, processes, device, progress, ablation)
-    finally:
-        stop()
+    with training_processes(resolve_device(config.device), config.batch_size) as processes:
+        return _finetune(config, processes, processes.device, progress, ablation)
 
 
 def _finetune(config: FinetuneConfig, processes: Processes, device, progress: bool, ablation: bool) -> dict | None:

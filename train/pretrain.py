@@ -16,7 +16,7 @@ from scl.runtime.integrity import file_sha256
 from .config import PretrainConfig
 from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
-from .distributed import Processes, lost_peers, start, stop
+from .distributed import Processes, lost_peers, training_processes
 from .losses import semihard_triplet_loss
 from .model_dir import SCimilarityModel, read_gene_order, save_model_dir
 from .nn import Decoder, Encoder
@@ -34,18 +34,14 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[SCimilarity
     torchrun on rank 0; the other processes return None)."""
     refuse_used_folder(config.out, "scl-pretrain", ("encoder.ckpt", "a model"))
     seed_everything(config.seed)
-    processes, device = start(resolve_device(config.device))
-    try:
-        processes.refuse_small_batches(config.batch_size)
+    with training_processes(resolve_device(config.device), config.batch_size) as processes:
         options = ReadOptions(min_genes=config.min_genes)
         genes = read_gene_order(config.gene_order) if config.gene_order else gene_union(config.data, options)
         cells, held_out = hold_out(config, genes, options)
         refuse_tiny_classes(cells.labels, ", ".join(config.data))
         with lost_peers(processes):
-            model, history = train_base(cells, genes, config, device, progress, processes)
+            model, history = train_base(cells, genes, config, processes.device, progress, processes)
         return write_base(model, history, cells, held_out, config, processes) if processes.is_main else None
-    finally:
-        stop()
 
 
 def write_base(model: SCimilarityModel, history: list[dict], cells: LabelledCells, held_out: dict, config: PretrainConfig,
@@ -106,7 +102,7 @@ def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, d
     label_ids = torch.from_numpy(label_ids).to(device)
     encoder = Encoder(len(genes), config.latent_dim, config.hidden_dim).to(device)
     decoder = Decoder(len(genes), config.latent_dim, list(reversed(config.hidden_dim))).to(device)
-    step = processes.wrap(Autoencoder(encoder, decoder), device)
+    step = processes.wrap(Autoencoder(encoder, decoder))
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
