@@ -18,10 +18,11 @@ from typing import ClassVar
 
 import h5py
 import numpy as np
+from scipy import sparse
 
 from .bounds import AT_LEAST_ONE, NOT_NEGATIVE_WHOLE, Bounds, check_bounds, check_choice
 from .errors import SclError
-from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, looks_like_ensembl, to_symbols
+from .genes import GeneAlignment, _row_sums, align_genes, aligned_dense, aligned_sparse, looks_like_ensembl, to_symbols
 from .h5ad import DEFAULT_CSC_LIMIT_BYTES, H5adFile, SparseRows, open_h5ad, open_zarr
 from .in_memory import MemoryMatrix
 from .normalize import INPUT_KINDS, check_kind, check_values, detect_input_kind
@@ -166,12 +167,23 @@ class ExpressionSource:
     def dense(self, raw, normalise: bool = True, buffer: np.ndarray | None = None, cell_ids=None) -> np.ndarray:
         """A block from raw_blocks() checked and aligned: float32 [cells, model genes], log1p(CP10k) when normalise.
         `buffer` (see aligned_dense) is overwritten; `cell_ids` name the cell in an error."""
-        ids = cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows)
+        self._check(raw, cell_ids if cell_ids is not None else range(raw.shape[0] if isinstance(raw, np.ndarray) else raw.n_rows))
+        return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
+
+    def _check(self, raw, ids) -> None:
+        """Values (no NaN, inf or negative) and, where judged, the input kind, naming the first cell that fails."""
         if raw is not self._values_checked:
             check_values(raw, self.path, ids)
         if self.kind_checked:
             check_kind(raw, self.input_kind, ids, self.path)
-        return aligned_dense(raw, self.alignment, buffer, lognormalise=normalise and self.input_kind == "counts")
+
+    def rows_at(self, positions: np.ndarray, span_factor: float) -> sparse.csr_matrix:
+        """The cells at `positions` of an .h5ad's obs (any order), checked, aligned and normalised as blocks() gives
+        them, as float32 CSR; read as one span when it holds under `span_factor` rows per cell wanted. A cell refused
+        is named by its id (read only then)."""
+        raw = self._checked(self.matrix.rows_at(positions, span_factor))
+        self._check(raw, _IdsAt(self.matrix, positions))
+        return aligned_sparse(raw, self.alignment, lognormalise=self.input_kind == "counts")
 
     def genes_detected(self, raw) -> np.ndarray:
         """Per cell of a raw block, how many of the model's genes it expresses (nonzero)."""
@@ -208,6 +220,17 @@ class ExpressionSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _IdsAt:
+    """The ids of the cells at some positions of a file, each read when asked (only an error message asks)."""
+
+    def __init__(self, matrix: H5adFile, positions: np.ndarray):
+        self.matrix, self.positions = matrix, positions
+
+    def __getitem__(self, i: int) -> str:
+        at = int(self.positions[i])
+        return str(self.matrix.ids(at, at + 1)[0])
 
 
 def refuse_duplicate_ids(chunks, path: str) -> None:

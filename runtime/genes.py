@@ -179,13 +179,26 @@ def aligned_dense(block, alignment: GeneAlignment, buffer: np.ndarray | None = N
     if isinstance(block, np.ndarray):
         _scatter_dense(block, alignment, out)
         return lognorm(out) if lognormalise else out
-    rows = _model_rows(block, alignment)
-    if lognormalise:
-        _lognorm_nonzeros(rows, alignment.spare_column)
-    rows.toarray(out=out)
+    aligned_sparse(block, alignment, lognormalise, keep_spare=True).toarray(out=out)
     if alignment.spare_column is not None:
         out[:, alignment.spare_column] = 0
     return out
+
+
+def aligned_sparse(block, alignment: GeneAlignment, lognormalise: bool = False, keep_spare: bool = False) -> sparse.csr_matrix:
+    """A block of input rows as a float32 CSR matrix [cells, model genes], the values aligned_dense gives; dense
+    blocks go through aligned_dense. keep_spare leaves the input genes the model does not use in the spare column
+    (for aligned_dense, which zeroes it after)."""
+    if isinstance(block, np.ndarray):
+        return sparse.csr_matrix(aligned_dense(block, alignment, lognormalise=lognormalise))
+    rows = _model_rows(block, alignment)
+    if lognormalise:
+        _lognorm_nonzeros(rows, alignment.spare_column)
+    if alignment.spare_column is not None and not keep_spare:  # new arrays: rows may share the input's
+        keep = rows.indices != alignment.spare_column
+        indptr = np.concatenate([[0], np.cumsum(_row_sums(keep, rows.indptr).astype(np.int64))])
+        rows = sparse.csr_matrix((rows.data[keep], rows.indices[keep], indptr), shape=rows.shape)
+    return rows
 
 
 def _scatter_dense(block: np.ndarray, alignment: GeneAlignment, out: np.ndarray) -> None:

@@ -222,12 +222,12 @@ class Matrix:
             )
         return csc_to_csr(data[...], indices[...], indptr[...], self.shape)
 
-    def rows_at(self, positions: np.ndarray) -> np.ndarray | SparseRows:
-        """The rows at `positions` (any order), in that order. Read in file order: the whole span when the rows are
-        dense in it, else each run of consecutive rows (a view of a few cells spread over a large file)."""
+    def rows_at(self, positions: np.ndarray, span_factor: float = SPAN_READ_FACTOR) -> np.ndarray | SparseRows:
+        """The rows at `positions` (any order), in that order. Read in file order: the whole span when it holds under
+        `span_factor` rows per row wanted, else each run of consecutive rows (a view of a few cells spread over a large file)."""
         order = np.argsort(positions, kind="stable")
         wanted = positions[order]
-        if wanted[-1] - wanted[0] < SPAN_READ_FACTOR * len(wanted):
+        if wanted[-1] - wanted[0] < span_factor * len(wanted):
             block, at = self.rows(int(wanted[0]), int(wanted[-1]) + 1), wanted - wanted[0]
         else:
             starts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)
@@ -350,6 +350,10 @@ class H5adFile:
             at = self.first_row
             rows = self.matrix.rows(at + start, at + stop) if self.positions is None else self.matrix.rows_at(self.positions[start:stop])
             yield self.ids(start, stop), rows
+
+    def rows_at(self, positions: np.ndarray, span_factor: float = SPAN_READ_FACTOR) -> np.ndarray | SparseRows:
+        """The cells at `positions` (rows of the whole file's obs, any order), as stored: what streamed training reads."""
+        return self.matrix.rows_at(np.asarray(positions, dtype=np.int64), span_factor)
 
     def obs_column(self, key: str) -> np.ndarray:
         if key not in self.obs_columns:
