@@ -28,12 +28,15 @@ class PretrainConfig:
     min_genes: int | None = None
     seed: int = 0
     device: str = "auto"
+    stream: bool = False  # leave the cells in their files and read them a window at a time (references larger than memory)
+    epoch_cells: int | None = None  # cells an epoch trains on (None: every cell once)
 
     to_dict = asdict
 
     # batches of 2 or more: the encoder's batch norm cannot train on one cell
     BOUNDS: ClassVar[dict[str, Bounds]] = {"epochs": AT_LEAST_ONE, "batch_size": Bounds(2, whole=True), "lr": POSITIVE, "weight_decay": NOT_NEGATIVE,
-                                           "triplet_weight": Bounds(0, 1), "margin": NOT_NEGATIVE, "holdout": Bounds(0, 1, high_open=True), "seed": SEED}
+                                           "triplet_weight": Bounds(0, 1), "margin": NOT_NEGATIVE, "holdout": Bounds(0, 1, high_open=True), "seed": SEED,
+                                           "epoch_cells": AT_LEAST_ONE}
 
     def __post_init__(self):
         check_bounds(self, self.BOUNDS)
@@ -76,13 +79,15 @@ class FinetuneConfig:
     min_genes: int | None = None
     seed: int = 0
     device: str = "auto"
+    stream: bool = False  # leave the cells in their files and read them a window at a time (references larger than memory)
+    epoch_cells: int | None = None  # training cells between validations (None: every training cell once)
 
     to_dict = asdict
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {
         "val_fraction": SHARE, "calibration_fraction": SHARE, "rank": AT_LEAST_ONE, "alpha": POSITIVE, "lora_dropout": Bounds(0, 1, high_open=True),
         "lr": POSITIVE, "head_lr": POSITIVE, "head_genes": Bounds(0, whole=True), "head_c": POSITIVE, "epochs": AT_LEAST_ONE, "patience": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "triplet_weight": NOT_NEGATIVE,
-        "recon_weight": NOT_NEGATIVE, "margin": NOT_NEGATIVE, "knn_neighbors": AT_LEAST_ONE, "seed": SEED}
+        "recon_weight": NOT_NEGATIVE, "margin": NOT_NEGATIVE, "knn_neighbors": AT_LEAST_ONE, "seed": SEED, "epoch_cells": AT_LEAST_ONE}
 
     def __post_init__(self):
         check_bounds(self, self.BOUNDS)

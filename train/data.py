@@ -1,7 +1,9 @@
-"""Labelled cells for training, read through the runtime's readers and held as sparse log1p(CP10k)."""
+"""Labelled cells for training, read through the runtime's readers: held as sparse log1p(CP10k), or left in their
+files and read when a step needs them (stream=True, file_rows.py)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -13,13 +15,15 @@ from scl.runtime.errors import SclError
 from scl.runtime.expression import ExpressionSource, ReadOptions, open_matrix
 from scl.runtime.genes import to_symbols
 
+from .file_rows import FileRows, stack_rows
+
 log = logging.getLogger("scl")
 MISSING_LABELS = {"", "nan", "none", "na", "n/a", "<na>", "null"}  # what astype(str) and spreadsheets make of a missing label
 
 
 @dataclass
 class LabelledCells:
-    x: sp.csr_matrix  # aligned to the gene order, log1p(CP10k), float32
+    x: sp.csr_matrix | FileRows  # aligned to the gene order, log1p(CP10k), float32; FileRows: still in the file
     labels: np.ndarray  # strings
     cell_ids: np.ndarray
     reading: list[dict]  # what each file's reader reported
@@ -33,33 +37,46 @@ class LabelledCells:
 
     @staticmethod
     def concat(parts: list["LabelledCells"]) -> "LabelledCells":
-        return LabelledCells(sp.vstack([p.x for p in parts]).tocsr(), np.concatenate([p.labels for p in parts]),
+        return LabelledCells(stack_rows([p.x for p in parts]), np.concatenate([p.labels for p in parts]),
                              np.concatenate([p.cell_ids for p in parts]), [r for p in parts for r in p.reading], np.concatenate([p.rows for p in parts]))
 
 
-def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None) -> LabelledCells:
-    parts, labels, ids, reading, rows = [], [], [], [], []
+def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None = None, stream: bool = False) -> LabelledCells:
+    """The labelled cells of one or more .h5ad files (cells without a label left out, with a warning). stream: the
+    cells stay in their files (x is a FileRows) and only labels, ids and rows are read now."""
+    parts = []
     for path in [paths] if isinstance(paths, str) else paths:
-        with ExpressionSource(str(path), gene_order, options) as src:
-            if not hasattr(src.matrix, "obs_column"):
-                raise SclError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
-            file_labels = src.matrix.obs_column(label_key)
-            missing = np.array([label is None or label != label or str(label).strip().lower() in MISSING_LABELS for label in file_labels])
-            if missing.all():
-                raise SclError(f"{path}: obs[{label_key!r}] has no labels (every value is missing); choose the column with the cell types.")
-            if missing.any():
-                log.warning(f"{path}: {int(missing.sum()):,} of {len(missing):,} cells have no label in obs[{label_key!r}] "
-                            f"(missing, or spelled like {sorted({str(v) for v in file_labels[missing]})[:3]}); they are left out")
-            labels.append(file_labels[~missing].astype(str))
-            rows.append(np.flatnonzero(~missing))
-            start = 0
-            for block_ids, x in src.blocks():
-                keep = ~missing[start : start + len(block_ids)]
-                parts.append(sp.csr_matrix(x[keep]))
-                ids.append(block_ids[keep])
-                start += len(block_ids)
-            reading.append(src.describe())
-    return LabelledCells(sp.vstack(parts).tocsr(), np.concatenate(labels), np.concatenate(ids).astype(str), reading, np.concatenate(rows))
+        src = ExpressionSource(str(path), gene_order, options)
+        try:
+            parts.append(_labelled_file(src, label_key, stream))
+        finally:
+            if not stream:
+                src.close()
+    return LabelledCells.concat(parts)
+
+
+def _labelled_file(src: ExpressionSource, label_key: str, stream: bool) -> LabelledCells:
+    path = src.path
+    if not hasattr(src.matrix, "obs_column"):
+        raise SclError(f"{path}: training needs an .h5ad with a label column in obs; text files carry no labels.")
+    file_labels = src.matrix.obs_column(label_key)
+    missing = np.array([label is None or label != label or str(label).strip().lower() in MISSING_LABELS for label in file_labels])
+    if missing.all():
+        raise SclError(f"{path}: obs[{label_key!r}] has no labels (every value is missing); choose the column with the cell types.")
+    if missing.any():
+        log.warning(f"{path}: {int(missing.sum()):,} of {len(missing):,} cells have no label in obs[{label_key!r}] "
+                    f"(missing, or spelled like {sorted({str(v) for v in file_labels[missing]})[:3]}); they are left out")
+    rows = np.flatnonzero(~missing)
+    if stream:
+        ids = np.concatenate(list(src.matrix.id_chunks()))[rows].astype(str)
+        return LabelledCells(FileRows.of(src, rows), file_labels[rows].astype(str), ids, [src.describe()], rows)
+    parts, ids, start = [], [], 0
+    for block_ids, x in src.blocks():
+        keep = ~missing[start : start + len(block_ids)]
+        parts.append(sp.csr_matrix(x[keep]))
+        ids.append(block_ids[keep])
+        start += len(block_ids)
+    return LabelledCells(sp.vstack(parts).tocsr(), file_labels[rows].astype(str), np.concatenate(ids).astype(str), [src.describe()], rows)
 
 
 def gene_union(paths, options: ReadOptions | None = None) -> list[str]:
@@ -96,11 +113,59 @@ def stratified_holdout(labels: np.ndarray, share: float, seed: int) -> np.ndarra
     return held
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-    order = torch.randperm(n, generator=generator).numpy()
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield order[start : start + batch_size]
+STREAM_BLOCK = 64  # consecutive cells read together when streaming (benchmarks/row_reads.py: 16/64/256 read 10k/14k/16k cells/s cold)
+WINDOW = 4096  # cells read at once and shuffled among themselves; a batch draws from up to WINDOW / block places in the files
+
+
+class BatchOrder:
+    """Batches of cell indices (0..n-1), endless: each pass over the cells a new shuffle, its last partial batch
+    dropped. block > 1 (streaming): a pass shuffles blocks of `block` consecutive cells, then the cells within each
+    window of WINDOW cells, so the files are read a block at a time while a batch still mixes cells from many places
+    (scDataset's block sampling)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, block: int = 1):
+        self.n, self.batch_size, self.generator, self.block = n, min(batch_size, n), generator, block
+        self._batches = self._endless()
+
+    def take(self, steps: int):
+        """The next `steps` batches."""
+        return itertools.islice(self._batches, steps)
+
+    def _endless(self):
+        n, size = self.n, self.batch_size
+        while True:
+            order = torch.randperm(n, generator=self.generator).numpy() if self.block == 1 else block_shuffled(n, self.block, self.generator)
+            yield from (order[start : start + size] for start in range(0, n - n % size, size))
+
+
+def block_shuffled(n: int, block: int, generator: torch.Generator) -> np.ndarray:
+    starts = torch.randperm(-(-n // block), generator=generator).numpy() * block
+    order = np.concatenate([np.arange(s, min(s + block, n)) for s in starts])
+    for start in range(0, n, WINDOW):
+        window = order[start : start + WINDOW]
+        window[:] = window[torch.randperm(len(window), generator=generator).numpy()]
+    return order
+
+
+def stream_block(x) -> int:
+    """How many consecutive cells a batch order keeps together: STREAM_BLOCK for cells read from files, else 1."""
+    return STREAM_BLOCK if isinstance(x, FileRows) else 1
+
+
+def steps_per_epoch(n: int, batch_size: int, epoch_cells: int | None) -> int:
+    """Training steps between validations: every cell once, or `epoch_cells` cells (large references)."""
+    return max(min(epoch_cells or n, n) // min(batch_size, n), 1)
+
+
+def read_batches(x, order: BatchOrder, steps: int, share, device: torch.device):
+    """(this process's share of each batch, its cells as a dense tensor) for the next `steps` batches of `order`. The
+    batches of about WINDOW cells are read together, so a streamed file is read once per window, in blocks."""
+    batches = order.take(steps)
+    while group := [share(b) for b in itertools.islice(batches, max(WINDOW // order.batch_size, 1))]:
+        wanted = np.unique(np.concatenate(group))
+        held = x[wanted].tocsr()
+        for index in group:
+            yield index, torch.from_numpy(held[np.searchsorted(wanted, index)].toarray()).to(device)
 
 
 EVAL_BATCH = 512

@@ -30,7 +30,7 @@ from scl.runtime.expression import ReadOptions
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, batches, dense, embed, load_labelled
+from .data import EVAL_BATCH, LabelledCells, BatchOrder, dense, embed, load_labelled, read_batches, steps_per_epoch, stream_block
 from .device import autocast, resolve_device, seed_everything
 from .distributed import Processes, lost_peers, training_processes
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
@@ -158,8 +158,9 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
     step = processes.wrap(TrainStep(model))
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": encoder_params, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}])
-    batch_size = min(config.batch_size, len(y_train))
-    scheduler = lr_schedule(optimizer, config.schedule, config.epochs, max(len(y_train) // batch_size, 1))
+    order = BatchOrder(len(y_train), config.batch_size, gen, stream_block(train.x))
+    steps = steps_per_epoch(len(y_train), config.batch_size, config.epoch_cells)
+    scheduler = lr_schedule(optimizer, config.schedule, config.epochs, steps)
     y_train_t = torch.from_numpy(y_train).to(device)
     use_triplet, use_recon = "triplet" in loss_kind, "recon" in loss_kind
     history, choice = [], EpochChoice(config.patience)
@@ -167,9 +168,7 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
     for epoch in bar:
         model.train_mode()
         sums, n, cells_stepped, started = np.zeros(4), 0, 0, time.perf_counter()
-        for index in batches(len(y_train), batch_size, gen):
-            index = processes.share(index)
-            x = dense(train.x, index, device)
+        for index, x in read_batches(train.x, order, steps, processes.share, device):
             with autocast(device):
                 z, logits, reconstruction = step(x, use_recon)
                 ce = F.cross_entropy(logits.float(), y_train_t[index])
@@ -236,12 +235,13 @@ def _finetune(config: FinetuneConfig, processes: Processes, device, progress: bo
     base = load_model_dir(config.base_model)
     cells = training_cells(config, base)
     train, val, classes, y_train, y_val = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val
-    z_train_base = embed(base.encoder.to(device), train.x, device)
+    fit = cells.fit_rows
+    z_fit_base = embed(base.encoder.to(device), train.x[fit], device)
     z_val_base = embed(base.encoder, val.x, device)
-    probe = linear_probe(z_train_base, y_train, z_val_base, len(classes), config.seed)
+    probe = linear_probe(z_fit_base, y_train[fit], z_val_base, len(classes), config.seed)
     methods = {
         "base+linear": classification_metrics(y_val, probe.probabilities, classes) | {"fit": probe.fit},
-        "base+knn": classification_metrics(y_val, knn_classifier(z_train_base, y_train, z_val_base, len(classes), config.knn_neighbors), classes),
+        "base+knn": classification_metrics(y_val, knn_classifier(z_fit_base, y_train[fit], z_val_base, len(classes), config.knn_neighbors), classes),
     }
     base_decoder = base.decoder.to(device)
     base_embedding = embedding_metrics(z_val_base, y_val, val, base_decoder, config.margin, device)
@@ -269,14 +269,15 @@ def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cell
     counts = model.parameter_counts()
     model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
     merged, checks, z_val = sanity_checks(model, base, val, device)
-    z_train = embed(merged, train.x, device)
-    head, head_summary = shipped_head(model, z_train, cells, config, base.gene_order)
+    fit = cells.fit_rows
+    z_fit = embed(merged, train.x[fit], device)
+    head, head_summary = shipped_head(model, z_fit, cells, config, base.gene_order)
     methods["lora"] = classification_metrics(y_val, softmax(head_logits(head, z_val, val.x)), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     if config.head_genes:  # what the genes add, and what they do without the encoder
         methods["lora-embedding"] = classification_metrics(y_val, model.probabilities(z_val, device), classes)
         genes_only = fit_head(np.zeros((len(train), 0), np.float32), train.x, y_train, len(classes), head.gene_index.numpy(), config.head_c, config.seed)
         methods["genes"] = classification_metrics(y_val, softmax(head_logits(genes_only, np.zeros((len(val), 0), np.float32), val.x)), classes)
-    centroids = class_centroids(z_train, y_train, len(classes))
+    centroids = class_centroids(z_fit, y_train[fit], len(classes))
     calibration, calibration_metrics = calibrate_run(head, merged, centroids, cells, config, device)
     calibration_metrics["novel_share"] = {"validation": novelty_shares(head, calibration, centroids, z_val, val.x)}
 
@@ -309,14 +310,15 @@ def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cell
     return metrics
 
 
-def shipped_head(model: EncoderClassifier, z_train: np.ndarray, cells: TrainingCells, config: FinetuneConfig, gene_order: list[str]) -> tuple[CellHead, dict]:
-    """The head scl-train writes: a logistic regression on the fine-tuned embedding and the marker genes of the
-    training cells (train/head.py), or with head_genes=0 the head LoRA trained on the embedding alone."""
+def shipped_head(model: EncoderClassifier, z_fit: np.ndarray, cells: TrainingCells, config: FinetuneConfig, gene_order: list[str]) -> tuple[CellHead, dict]:
+    """The head scl-train writes: a logistic regression on the fine-tuned embedding (z_fit: of cells.fit_rows) and the
+    marker genes of the training cells (train/head.py), or with head_genes=0 the head LoRA trained on the embedding alone."""
     if not config.head_genes:
         return lora_trained_head(model.head), {"reads": "the embedding", "genes": 0, "trained": "with LoRA (the epoch validation chose)"}
     started = time.perf_counter()
-    genes = marker_genes(cells.train.x, cells.y_train, config.head_genes, config.seed)
-    head = fit_head(z_train, cells.train.x, cells.y_train, len(cells.classes), genes, config.head_c, config.seed)
+    x_fit, y_fit = cells.train.x[cells.fit_rows].tocsr(), cells.y_train[cells.fit_rows]  # streamed cells: read here, once
+    genes = marker_genes(x_fit, y_fit, config.head_genes, config.seed)
+    head = fit_head(z_fit, x_fit, y_fit, len(cells.classes), genes, config.head_c, config.seed)
     weights = head.gene_weight.detach().numpy()
     strongest = {c: [gene_order[genes[i]] for i in np.argsort(-weights[k])[:5]] for k, c in enumerate(cells.classes)}
     return head, {"reads": "the embedding and marker genes", "genes_per_class": config.head_genes, "genes": int(len(genes)), "C": config.head_c,
@@ -364,7 +366,7 @@ def ablation_rows(results: dict, y_val, val, classes, margin: float, device) -> 
 
 def forgetting(config: FinetuneConfig, base: SCimilarityModel, merged, device) -> tuple[dict, np.ndarray, LabelledCells]:
     """How well the base's knowledge of other cells survived; returns the metrics, the tuned embedding of those cells and the cells."""
-    other = load_labelled(config.forgetting_data, base.gene_order, config.forgetting_label_key, ReadOptions(min_genes=config.min_genes))
+    other = load_labelled(config.forgetting_data, base.gene_order, config.forgetting_label_key, ReadOptions(min_genes=config.min_genes), config.stream)
     z_base = embed(base.encoder, other.x, device)
     z_tuned = embed(merged, other.x, device)
     return {

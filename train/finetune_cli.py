@@ -61,6 +61,10 @@ Next: scl-export my_run --out my_model.onnx"""
 @click.option("--forgetting-data", type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad not trained on, to measure forgetting.")
 @click.option("--forgetting-label-key", default="cell_type", show_default=True)
 @click.option("--ablation", is_flag=True, help="Also train CE-only and CE+triplet+recon from the same seed and tabulate them.")
+@click.option("--stream", is_flag=True, help="Leave the cells in their files and read them as training needs them, in shuffled blocks: memory stays near the batch's, "
+              "not the reference's (references larger than memory; docs/train.md, \"Streamed cells\").")
+@click.option("--epoch-cells", type=int, help="Train on this many cells between validations (default: every training cell once): early stopping and the "
+              "learning-rate schedule count these epochs; for large references.")
 @click.option("--min-genes", type=int, help="Fewest model genes the data must have.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

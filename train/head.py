@@ -19,9 +19,11 @@ import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 
-# Fits on at most this many cells of each class (a stratified sample): a bound on time and memory for large
-# references, not a setting chosen for accuracy (the files measured hold at most 960 cells of a class).
+# Fits (the head, the marker genes, and in roles.py the probe, k-NN baseline and centroids) on at most this many cells
+# of each class (a stratified sample): a bound on time and memory for large references, not a setting chosen for
+# accuracy (the files measured hold at most 960 cells of a class).
 FIT_CELLS_PER_CLASS = 5000
+LOGIT_BLOCK = 4096  # cells whose marker genes head_logits reads at once
 
 
 class CellHead(torch.nn.Module):
@@ -84,7 +86,7 @@ def marker_genes(x: sp.csr_matrix, y: np.ndarray, per_class: int, seed: int = 0)
     """CellTypist's feature selection: a logistic regression on every gene (scaled to unit variance, uncentred so x
     stays sparse), then per class the `per_class` genes with the largest |coefficient|; their union, sorted."""
     rows = stratified_sample(y, FIT_CELLS_PER_CLASS, seed)
-    x, y = x[rows], y[rows]
+    x, y = x[rows].tocsr(), y[rows]  # cells still in their files (FileRows) are read here
     std = np.sqrt(np.asarray(x.power(2).mean(axis=0)).ravel() - np.asarray(x.mean(axis=0)).ravel() ** 2)
     scale = np.where(std > 0, 1 / np.where(std > 0, std, 1), 0.0)
     with warnings.catch_warnings():
@@ -108,7 +110,7 @@ def fit_head(z: np.ndarray, x: sp.csr_matrix, y: np.ndarray, n_classes: int, gen
     rows = stratified_sample(y, FIT_CELLS_PER_CLASS, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        fit = LogisticRegression(C=c, max_iter=5000).fit(head_features(z[rows], x[rows], genes), y[rows])
+        fit = LogisticRegression(C=c, max_iter=5000).fit(head_features(z[rows], x[rows].tocsr(), genes), y[rows])
     coef, intercept = fit.coef_, fit.intercept_
     if coef.shape[0] == 1:  # two classes: the sigmoid as a two-way softmax
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
@@ -118,12 +120,15 @@ def fit_head(z: np.ndarray, x: sp.csr_matrix, y: np.ndarray, n_classes: int, gen
     return CellHead(as_tensor(coef[:, :latent]), as_tensor(intercept), torch.from_numpy(genes.astype(np.int64)), as_tensor(coef[:, latent:]))
 
 
-def head_logits(head: CellHead, z: np.ndarray, x: sp.csr_matrix) -> np.ndarray:
-    """The head's logits for cells held as embeddings and sparse log1p(CP10k) rows (only the marker columns are read)."""
+def head_logits(head: CellHead, z: np.ndarray, x) -> np.ndarray:
+    """The head's logits for cells held as embeddings and log1p(CP10k) rows (sparse, or FileRows read a block at a
+    time; only the marker columns are used)."""
     weight, bias, gene_weight = (p.detach().numpy().astype(np.float64) for p in (head.weight, head.bias, head.gene_weight))
     logits = z @ weight.T + bias
-    if len(head.gene_index):
-        logits += np.asarray(x[:, head.gene_index.numpy()] @ gene_weight.T)
+    genes = head.gene_index.numpy()
+    if len(genes):
+        for i in range(0, len(z), LOGIT_BLOCK):
+            logits[i : i + LOGIT_BLOCK] += np.asarray(x[i : i + LOGIT_BLOCK].tocsr()[:, genes] @ gene_weight.T)
     return logits
 
 

@@ -14,7 +14,7 @@ from scl.runtime.expression import ReadOptions
 from scl.runtime.integrity import file_sha256
 
 from .config import PretrainConfig
-from .data import LabelledCells, batches, dense, embed, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
+from .data import BatchOrder, LabelledCells, embed, read_batches, steps_per_epoch, stream_block, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
 from .distributed import Processes, lost_peers, training_processes
 from .losses import semihard_triplet_loss
@@ -61,7 +61,7 @@ def hold_out(config: PretrainConfig, genes: list[str], options: ReadOptions) -> 
     obs positions of the held-out cells, so that scl-train can calibrate on cells this base never saw."""
     parts, files = [], []
     for path in config.data:
-        cells = load_labelled(path, genes, config.label_key, options)
+        cells = load_labelled(path, genes, config.label_key, options, config.stream)
         held = stratified_holdout(cells.labels, config.holdout, config.seed)
         parts.append(cells.subset(~held))
         files.append({"path": path, "sha256": file_sha256(path), "cells": len(cells), "held_out_rows": cells.rows[held].tolist()})
@@ -109,15 +109,15 @@ def train_base(cells: LabelledCells, genes: list[str], config: PretrainConfig, d
     gen = torch.Generator().manual_seed(config.seed)
     triplet_gen = processes.own_generator(gen, config.seed)
     w = config.triplet_weight
+    order = BatchOrder(len(cells), config.batch_size, gen, stream_block(cells.x))
+    steps = steps_per_epoch(len(cells), config.batch_size, config.epoch_cells)
     history = []
     bar = tqdm(range(config.epochs), desc="pretrain", unit="epoch", disable=not progress or not processes.is_main)
     for epoch in bar:
         encoder.train(), decoder.train()
         totals = np.zeros(3)
         n_batches = 0
-        for index in batches(len(cells), min(config.batch_size, len(cells)), gen):
-            index = processes.share(index)
-            x = dense(cells.x, index, device)
+        for index, x in read_batches(cells.x, order, steps, processes.share, device):
             with autocast(device):
                 z, reconstruction = step(x)
                 mse = torch.nn.functional.mse_loss(reconstruction.float(), x)

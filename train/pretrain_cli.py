@@ -54,14 +54,19 @@ Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process 
 @click.option("--min-genes", type=int, help="Fewest model genes a file must have; default scales SCimilarity's 5,000 of 28,231.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--stream", is_flag=True, help="Leave the cells in their files and read them as training needs them, in shuffled blocks: memory stays near the batch's, "
+              "not the reference's (references larger than memory; docs/train.md, \"Streamed cells\").")
+@click.option("--epoch-cells", type=int, help="Train on this many cells between validations (default: every training cell once): early stopping and the "
+              "learning-rate schedule count these epochs; for large references.")
 @reports_input_errors
-def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, lr, triplet_weight, holdout, min_genes, seed, device):
+def main(data, label_key, out, gene_order, hidden, latent, epochs, batch_size, lr, triplet_weight, holdout, min_genes, seed, device, stream, epoch_cells):
     """Pretrain an encoder and decoder on labelled cells (semi-hard triplets + reconstruction)."""
     from .pretrain import narrow_embedding_warning, pretrain  # torch loads here, not for --help
 
     config = PretrainConfig(
         data=list(data), label_key=label_key, out=out, gene_order=gene_order, hidden_dim=_ints(hidden), latent_dim=latent,
         epochs=epochs, batch_size=batch_size, lr=lr, triplet_weight=triplet_weight, holdout=holdout, min_genes=min_genes, seed=seed, device=device,
+        stream=stream, epoch_cells=epoch_cells,
     )
     written = pretrain(config)
     if written is None:  # one of several processes under torchrun, not rank 0: rank 0 reports and writes

@@ -23,6 +23,7 @@ from scl.runtime.integrity import file_sha256
 from scl.runtime.expression import ReadOptions
 
 from .config import FinetuneConfig
+from .head import FIT_CELLS_PER_CLASS, stratified_sample
 from .data import LabelledCells, load_labelled, log, refuse_tiny_classes, stratified_holdout
 
 
@@ -53,6 +54,7 @@ class TrainingCells:
     calibration_source: str  # where the calibration cells came from, in words
     optimistic: bool  # the base model was pretrained on the calibration cells
     validation_summary: dict  # where the validation cells came from and how many the base saw
+    seed: int = 0
 
     def _indices(self, cells: LabelledCells) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.classes)}
@@ -70,11 +72,17 @@ class TrainingCells:
     def y_cal(self) -> np.ndarray:
         return self._indices(self.calibration)
 
+    @cached_property
+    def fit_rows(self) -> np.ndarray:
+        """The training cells the probe, the k-NN baseline, the shipped head and the centroids are fitted on: all of
+        them up to FIT_CELLS_PER_CLASS of a class, else a stratified sample (their embeddings stay small)."""
+        return stratified_sample(self.y_train, FIT_CELLS_PER_CLASS, self.seed)
+
 
 def training_cells(config: FinetuneConfig, base) -> TrainingCells:
     """The cells of --data (and --val-data, --calibration-data) in their roles, each refusal in one line."""
     options = ReadOptions(min_genes=config.min_genes)
-    cells = load_labelled(config.data, base.gene_order, config.label_key, options)
+    cells = load_labelled(config.data, base.gene_order, config.label_key, options, config.stream)
     refuse_tiny_classes(cells.labels, config.data)
     held = split_calibration(cells, config, base.gene_order, options)
     if not len(held.calibration):
@@ -97,7 +105,7 @@ def training_cells(config: FinetuneConfig, base) -> TrainingCells:
     if absent:
         log.warning(f"warning: the validation cells include no {', '.join(repr(str(c)) for c in absent)}: macro-F1 (which picks the best epoch) "
                     f"is over the {len(classes) - len(absent)} classes they hold; add validation cells of every class to judge all of them")
-    return TrainingCells(train, val, held.calibration, classes, held.source, held.optimistic, summary)
+    return TrainingCells(train, val, held.calibration, classes, held.source, held.optimistic, summary, config.seed)
 
 
 def split_validation(held: CalibrationSplit, config: FinetuneConfig, gene_order, options) -> tuple[LabelledCells, LabelledCells]:
@@ -108,7 +116,7 @@ def split_validation(held: CalibrationSplit, config: FinetuneConfig, gene_order,
     if held.validation is not None:
         return cells, held.validation
     if config.val_data:
-        return cells, load_labelled(config.val_data, gene_order, config.label_key, options)
+        return cells, load_labelled(config.val_data, gene_order, config.label_key, options, config.stream)
     train_idx, val_idx = train_test_split(
         np.arange(len(cells)), test_size=config.val_fraction, stratify=cells.labels, random_state=config.seed
     )
@@ -134,11 +142,16 @@ def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarr
 
 def cell_keys(cells: LabelledCells) -> np.ndarray:
     """One 64-bit key per cell from its obs name and its expression: the same cell in any file that holds it, while
-    cells that only share a name (10x barcodes repeat across samples) differ by their counts."""
+    cells that only share a name (10x barcodes repeat across samples) differ by their counts. Reads every cell once,
+    a block at a time, which also checks the values of streamed cells before training."""
     weights = np.random.default_rng(0).standard_normal(cells.x.shape[1])
-    fingerprint = np.ascontiguousarray(cells.x @ weights, dtype=np.float64).view(np.uint64)
+    products = [cells.x[i : i + KEY_BLOCK].tocsr() @ weights for i in range(0, len(cells), KEY_BLOCK)]
+    fingerprint = np.ascontiguousarray(np.concatenate(products or [np.zeros(0)]), dtype=np.float64).view(np.uint64)
     names = np.fromiter((zlib.crc32(str(c).encode()) for c in cells.cell_ids), dtype=np.uint64, count=len(cells))
     return fingerprint ^ (names * np.uint64(0x9E3779B97F4A7C15))  # spread the 32-bit name hash over 64 bits
+
+
+KEY_BLOCK = 4096  # cells read at once by cell_keys
 
 
 def refuse_shared_cells(roles: list[tuple[str, LabelledCells, str]]) -> None:
@@ -203,7 +216,7 @@ def validation_summary(config: FinetuneConfig, val: LabelledCells, held: Calibra
 
 def _calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
     if config.calibration_data:
-        calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options)
+        calibration = load_labelled(config.calibration_data, gene_order, config.label_key, options, config.stream)
         unseen = base_never_saw(config.base_model, config.calibration_data, calibration)
         name = Path(config.calibration_data).name
         if unseen is None:
