@@ -43,28 +43,15 @@ print(json.dumps({"build_seconds": round(built, 1), "save_seconds": round(time.p
 """
 
 
-def labelled_h5ad(path: Path, genes: list[str], n: int, seed: int) -> None:
-    """write_csr_h5ad's cells with an obs cell_type of LABELS random labels."""
-    import h5py
-    import pandas as pd
-    from anndata.io import write_elem
-    from synthetic import write_csr_h5ad
-
-    write_csr_h5ad(path, genes, n, detected=DETECTED, seed=seed)
-    labels = np.random.default_rng(seed).integers(0, LABELS, n)
-    obs = pd.DataFrame({"cell_type": pd.Categorical([f"label{i}" for i in labels])}, index=[f"ref{seed}_{i}" for i in range(n)])
-    with h5py.File(path, "r+") as f:
-        del f["obs"]
-        write_elem(f, "obs", obs)
-
-
 def build_reference(model: Path, genes: list[str], cells: int, tmp: Path) -> dict:
     """A reference of `cells` cells built and saved in a child process; the .h5ad inputs are removed after."""
+    from synthetic import labelled_h5ad
+
     per_file = min(cells, FILE_CELLS)
     paths = []
     for number in range(0, cells, per_file):
         paths.append(tmp / f"ref{cells}_{number}.h5ad")
-        labelled_h5ad(paths[-1], genes, min(per_file, cells - number), seed=cells + number)
+        labelled_h5ad(paths[-1], genes, min(per_file, cells - number), seed=cells + number, detected=DETECTED, labels=LABELS)
     out = tmp / f"ref{cells}.sclref"
     done = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(HERE), str(model), str(out), *map(str, paths)], capture_output=True, text=True)
     for path in paths:

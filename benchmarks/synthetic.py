@@ -71,3 +71,18 @@ def write_csr_h5ad(path, genes: list[str], n_cells: int, detected: int = 2500, b
             group.create_dataset("_index", data=np.array(index, dtype=object), dtype=STR).attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
         for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
             f.create_group(name).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+
+
+def labelled_h5ad(path, genes: list[str], n: int, seed: int, detected: int, labels: int, prefix: str | None = None) -> None:
+    """write_csr_h5ad's cells with an obs cell_type of `labels` random labels (ids prefix + number; default ref<seed>_)."""
+    import pandas as pd
+    from anndata.io import write_elem
+
+    write_csr_h5ad(path, genes, n, detected=detected, seed=seed)
+    codes = np.random.default_rng(seed).integers(0, labels, n)
+    names = np.array([f"label{i}" for i in range(labels)])
+    prefix = f"ref{seed}_" if prefix is None else prefix
+    obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(codes, names)}, index=[f"{prefix}{i}" for i in range(n)])
+    with h5py.File(path, "r+") as f:
+        del f["obs"]
+        write_elem(f, "obs", obs)
