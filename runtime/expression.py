@@ -178,11 +178,14 @@ class ExpressionSource:
             check_kind(raw, self.input_kind, ids, self.path)
 
     def rows_at(self, positions: np.ndarray, span_factor: float) -> sparse.csr_matrix:
-        """The cells at `positions` of an .h5ad's obs (any order), checked, aligned and normalised as blocks() gives
-        them, as float32 CSR; read as one span when it holds under `span_factor` rows per cell wanted. A cell refused
-        is named by its id (read only then)."""
-        raw = self._checked(self.matrix.rows_at(positions, span_factor))
-        self._check(raw, _IdsAt(self.matrix, positions))
+        """The cells at `positions` of an .h5ad's obs (any order) as sparse() gives them, read as one span when it
+        holds under `span_factor` rows per cell wanted. A cell refused is named by its id (read only then)."""
+        return self.sparse(self._checked(self.matrix.rows_at(positions, span_factor)), _IdsAt(self.matrix, positions))
+
+    def sparse(self, raw, cell_ids) -> sparse.csr_matrix:
+        """A block from raw_blocks() checked, aligned and normalised: float32 CSR [cells, model genes] holding the
+        values dense() gives (what training keeps)."""
+        self._check(raw, cell_ids)
         return aligned_sparse(raw, self.alignment, lognormalise=self.input_kind == "counts")
 
     def genes_detected(self, raw) -> np.ndarray:

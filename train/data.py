@@ -71,9 +71,9 @@ def _labelled_file(src: ExpressionSource, label_key: str, stream: bool) -> Label
         ids = np.concatenate(list(src.matrix.id_chunks()))[rows].astype(str)
         return LabelledCells(FileRows.of(src, rows), file_labels[rows].astype(str), ids, [src.describe()], rows)
     parts, ids, start = [], [], 0
-    for block_ids, x in src.blocks():
+    for block_ids, raw in src.raw_blocks():
         keep = ~missing[start : start + len(block_ids)]
-        parts.append(sp.csr_matrix(x[keep]))
+        parts.append(src.sparse(raw, block_ids)[keep])
         ids.append(block_ids[keep])
         start += len(block_ids)
     return LabelledCells(sp.vstack(parts).tocsr(), file_labels[rows].astype(str), np.concatenate(ids).astype(str), [src.describe()], rows)
@@ -177,9 +177,9 @@ def dense(x: sp.csr_matrix, index, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, x: sp.csr_matrix, device: torch.device) -> np.ndarray:
-    """The encoder's embedding of every row of x, in batches of EVAL_BATCH cells."""
+    """The encoder's embedding of every row of x, in batches of EVAL_BATCH cells (no rows: an empty [0, latent])."""
     encoder.eval()
-    parts = [encoder(dense(x, slice(i, i + EVAL_BATCH), device)).float().cpu() for i in range(0, x.shape[0], EVAL_BATCH)]
+    parts = [encoder(dense(x, slice(i, i + EVAL_BATCH), device)).float().cpu() for i in range(0, max(x.shape[0], 1), EVAL_BATCH)]
     return torch.cat(parts).numpy()
 
 
