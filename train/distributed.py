@@ -3,10 +3,11 @@
     torchrun --nproc-per-node 2 -m scl.train.finetune_cli --base-model base --data train.h5ad --out run
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them (plain `scl-train`) there is one process and nothing here
-changes what it computes. Every process reads the same cells and draws the same batch order from the run's seed; each
-trains on its share of every batch and DDP averages the gradients, so a step is one process's step on the whole batch
-up to the order of floating-point sums (cross-entropy and reconstruction are means over equal shares; triplets are
-mined within each share). Validation is computed alike on every process and rank 0's decision to stop is broadcast;
+changes what it computes. Every process draws the same batch order from the run's seed; each reads and trains on its
+share of every batch and DDP averages the gradients, so a step is one process's step on the whole batch up to the
+order of floating-point sums (cross-entropy and reconstruction are means over equal shares; triplets are mined within
+each share). Passes over every cell (keying them, embedding the validation cells) are split between the processes
+(split_work); the probe is fitted on rank 0 and sent to all (on_main); rank 0's decision to stop is broadcast; and
 everything after training (the head, calibration, the run folder) happens on rank 0 alone.
 """
 
@@ -79,6 +80,26 @@ class Processes:
         tensor = torch.tensor(np.asarray(values, dtype=np.float64), device=self.device)
         dist.all_reduce(tensor)
         return tensor.cpu().numpy() / self.world_size
+
+    def split_work(self, n: int, compute) -> np.ndarray:
+        """compute(start, stop) over rows 0..n-1, each process doing one contiguous part and every process receiving
+        the whole, in row order: a pass over every cell (keying the cells, embedding the validation cells) costs each
+        process its share of it."""
+        if not self.several:
+            return compute(0, n)
+        bounds = np.linspace(0, n, self.world_size + 1).astype(int)
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, compute(int(bounds[self.rank]), int(bounds[self.rank + 1])))
+        return np.concatenate(parts)
+
+    def on_main(self, compute):
+        """compute() on rank 0 alone, its result sent to every process (the probe the training head starts from:
+        fitted once)."""
+        if not self.several:
+            return compute()
+        box = [compute() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def describe(self) -> dict:
         return {"processes": self.world_size, "backend": dist.get_backend() if self.several else None}

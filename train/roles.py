@@ -23,6 +23,7 @@ from scl.runtime.integrity import file_sha256
 from scl.runtime.expression import ReadOptions
 
 from .config import FinetuneConfig
+from .distributed import Processes
 from .head import FIT_CELLS_PER_CLASS, stratified_sample
 from .data import LabelledCells, load_labelled, log, refuse_tiny_classes, stratified_holdout
 
@@ -79,12 +80,13 @@ class TrainingCells:
         return stratified_sample(self.y_train, FIT_CELLS_PER_CLASS, self.seed)
 
 
-def training_cells(config: FinetuneConfig, base) -> TrainingCells:
-    """The cells of --data (and --val-data, --calibration-data) in their roles, each refusal in one line."""
+def training_cells(config: FinetuneConfig, base, processes: Processes = Processes()) -> TrainingCells:
+    """The cells of --data (and --val-data, --calibration-data) in their roles, each refusal in one line. Under
+    torchrun the processes share the pass that keys the cells."""
     options = ReadOptions(min_genes=config.min_genes)
     cells = load_labelled(config.data, base.gene_order, config.label_key, options, config.stream)
     refuse_tiny_classes(cells.labels, config.data)
-    held = split_calibration(cells, config, base.gene_order, options)
+    held = split_calibration(cells, config, base.gene_order, options, processes)
     if not len(held.calibration):
         raise SclError(f"{config.calibration_data or config.data}: no cells left to calibrate on (too few cells of each type to hold "
                        "any out); give --calibration-data or more cells.")
@@ -92,7 +94,7 @@ def training_cells(config: FinetuneConfig, base) -> TrainingCells:
     train, val = split_validation(held, config, base.gene_order, options)
     summary = validation_summary(config, val, held)
     refuse_shared_cells([("training", train, config.data), ("validation", val, config.val_data or config.data),
-                         ("calibration", held.calibration, config.calibration_data or config.data)])
+                         ("calibration", held.calibration, config.calibration_data or config.data)], processes)
     classes = sorted(np.unique(train.labels))
     for cells_of, what, path in ((val, "validation", config.val_data or config.data), (held.calibration, "calibration", config.calibration_data or config.data)):
         unknown = sorted(map(str, set(cells_of.labels) - set(classes)))
@@ -140,13 +142,16 @@ def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarr
     return None
 
 
-def cell_keys(cells: LabelledCells) -> np.ndarray:
+def cell_keys(cells: LabelledCells, processes: Processes = Processes()) -> np.ndarray:
     """One 64-bit key per cell from its obs name and its expression: the same cell in any file that holds it, while
     cells that only share a name (10x barcodes repeat across samples) differ by their counts. Reads every cell once,
-    a block at a time, which also checks the values of streamed cells before training."""
+    a block at a time (under torchrun each process its part), which also checks the values of streamed cells before training."""
     weights = np.random.default_rng(0).standard_normal(cells.x.shape[1])
-    products = [cells.x[i : i + KEY_BLOCK].tocsr() @ weights for i in range(0, len(cells), KEY_BLOCK)]
-    fingerprint = np.ascontiguousarray(np.concatenate(products or [np.zeros(0)]), dtype=np.float64).view(np.uint64)
+
+    def products(start: int, stop: int) -> np.ndarray:
+        return np.concatenate([np.zeros(0)] + [cells.x[i : min(i + KEY_BLOCK, stop)].tocsr() @ weights for i in range(start, stop, KEY_BLOCK)])
+
+    fingerprint = np.ascontiguousarray(processes.split_work(len(cells), products), dtype=np.float64).view(np.uint64)
     names = np.fromiter((zlib.crc32(str(c).encode()) for c in cells.cell_ids), dtype=np.uint64, count=len(cells))
     return fingerprint ^ (names * np.uint64(0x9E3779B97F4A7C15))  # spread the 32-bit name hash over 64 bits
 
@@ -154,10 +159,10 @@ def cell_keys(cells: LabelledCells) -> np.ndarray:
 KEY_BLOCK = 4096  # cells read at once by cell_keys
 
 
-def refuse_shared_cells(roles: list[tuple[str, LabelledCells, str]]) -> None:
+def refuse_shared_cells(roles: list[tuple[str, LabelledCells, str]], processes: Processes = Processes()) -> None:
     """Training, validation and calibration cells (role, cells, where from) must be disjoint: a cell in two roles
     would be judged on what it was fitted to."""
-    keys = [cell_keys(cells) for _, cells, _ in roles]
+    keys = [cell_keys(cells, processes) for _, cells, _ in roles]
     for i in range(len(roles)):
         for j in range(i + 1, len(roles)):
             shared, at, _ = np.intersect1d(keys[i], keys[j], return_indices=True)
@@ -181,12 +186,12 @@ def optimistic_warning(path: str) -> str:
             "more cells to be flagged novel than promised; pretrain with --holdout 0.2 or give --calibration-data with cells the base never saw.")
 
 
-def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options) -> CalibrationSplit:
+def split_calibration(cells: LabelledCells, config: FinetuneConfig, gene_order, options, processes: Processes = Processes()) -> CalibrationSplit:
     """The calibration cells, from --calibration-data or from `cells`, and the cells left for training and validation;
     without --val-data, the cells of --data the base held out and calibration does not take validate."""
     held = _calibration(cells, config, gene_order, options)
     if config.calibration_data:  # before validation is taken from --data, so the overlap is named as the user made it
-        refuse_shared_cells([("training", cells, config.data), ("calibration", held.calibration, config.calibration_data)])
+        refuse_shared_cells([("training", cells, config.data), ("calibration", held.calibration, config.calibration_data)], processes)
     if config.calibration_data and not config.val_data:
         unseen = base_never_saw(config.base_model, config.data, held.rest)
         if unseen is not None and unseen.any():
