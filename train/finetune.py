@@ -56,10 +56,15 @@ def reconstruction_mse(decoder, z: np.ndarray, x: sp.csr_matrix, device) -> floa
     return total / (x.shape[0] * x.shape[1])
 
 
+TRIPLET_CELLS = 4096  # the batch-hard measure compares every pair: on at most this many cells (the same sample for every method)
+
+
 def embedding_metrics(z: np.ndarray, y: np.ndarray, cells: LabelledCells, decoder, margin: float, device) -> dict:
-    """How well an embedding separates the labels and still reconstructs the cells (base decoder)."""
+    """How well an embedding separates the labels (batch-hard triplet loss, on up to TRIPLET_CELLS cells) and still
+    reconstructs the cells (base decoder)."""
+    some = np.sort(np.random.default_rng(0).permutation(len(z))[:TRIPLET_CELLS])
     return {"reconstruction_mse": reconstruction_mse(decoder, z, cells.x, device),
-            "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z), torch.from_numpy(y), margin).item()}
+            "batch_hard_triplet": batch_hard_triplet_loss(torch.from_numpy(z[some]), torch.from_numpy(y[some]), margin).item()}
 
 
 class EncoderClassifier:
@@ -182,7 +187,7 @@ def train_lora(base: SCimilarityModel, cells: TrainingCells, probe: LinearProbe,
             sums += [loss.item(), ce.item(), triplet.item(), recon.item()]
             n, cells_stepped = n + 1, cells_stepped + len(index)
         train_seconds = time.perf_counter() - started
-        z_val = embed(model.encoder, val.x, device)
+        z_val = processes.split_work(len(val), lambda start, stop: embed(model.encoder, val.x[start:stop], device))
         p_val = model.probabilities(z_val, device)
         val_f1, val_loss = classification_metrics(y_val, p_val, classes)["macro_f1"], log_loss(p_val, y_val)
         means = processes.average(sums / max(n, 1))
@@ -233,9 +238,22 @@ def finetune(config: FinetuneConfig, progress: bool = True, ablation: bool = Fal
 
 def _finetune(config: FinetuneConfig, processes: Processes, device, progress: bool, ablation: bool) -> dict | None:
     base = load_model_dir(config.base_model)
-    cells = training_cells(config, base)
-    train, val, classes, y_train, y_val = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val
-    fit = cells.fit_rows
+    runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
+    with lost_peers(processes):
+        cells = training_cells(config, base, processes)
+        probe, methods = processes.on_main(lambda: frozen_baselines(base, cells, config, device))
+        results = {loss_kind: train_lora(base, cells, probe, loss_kind, config, device, progress, processes=processes) for loss_kind in runs}
+    if not processes.is_main:
+        return None
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(config.out) as out_dir:
+        return measure_and_write(Path(out_dir), results, base, cells, methods, config, device, processes, ablation)
+
+
+def frozen_baselines(base: SCimilarityModel, cells: TrainingCells, config: FinetuneConfig, device) -> tuple[LinearProbe, dict]:
+    """The linear probe of the base embedding (where the training head starts) and what the frozen base scores: the
+    probe and a k-NN, both fitted on cells.fit_rows."""
+    train, val, classes, y_train, y_val, fit = cells.train, cells.validation, cells.classes, cells.y_train, cells.y_val, cells.fit_rows
     z_fit_base = embed(base.encoder.to(device), train.x[fit], device)
     z_val_base = embed(base.encoder, val.x, device)
     probe = linear_probe(z_fit_base, y_train[fit], z_val_base, len(classes), config.seed)
@@ -243,21 +261,10 @@ def _finetune(config: FinetuneConfig, processes: Processes, device, progress: bo
         "base+linear": classification_metrics(y_val, probe.probabilities, classes) | {"fit": probe.fit},
         "base+knn": classification_metrics(y_val, knn_classifier(z_fit_base, y_train[fit], z_val_base, len(classes), config.knn_neighbors), classes),
     }
-    base_decoder = base.decoder.to(device)
-    base_embedding = embedding_metrics(z_val_base, y_val, val, base_decoder, config.margin, device)
+    base_embedding = embedding_metrics(z_val_base, y_val, val, base.decoder.to(device), config.margin, device)
     for name in methods:
         methods[name].update(base_embedding)
-
-    runs = [config.loss] + ([k for k in ("ce", "ce+triplet+recon") if k != config.loss] if ablation else [])
-    results = {}
-    with lost_peers(processes):
-        for loss_kind in runs:
-            results[loss_kind] = train_lora(base, cells, probe, loss_kind, config, device, progress, processes=processes)
-    if not processes.is_main:
-        return None
-    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(config.out) as out_dir:
-        return measure_and_write(Path(out_dir), results, base, cells, methods, config, device, processes, ablation)
+    return probe, methods
 
 
 def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cells: TrainingCells, methods: dict, config: FinetuneConfig,
