@@ -234,6 +234,15 @@ def test_row_reads_smoke_run(tmp_path):
     assert len(result["orders"]) == 5 and all(o["cells_per_s"] > 0 for o in result["orders"].values())
 
 
+def test_train_stream_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_stream.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(next(tmp_path.glob("*-train-stream-smoke.json")).read_text())["rows"]
+    assert row["cells"] == 2000 and row["loader"]["cells_per_s"] > 0
+    for run in (row["in memory"], row["streamed"]):
+        assert run["cells_per_s"] > 0 and run["peak_rss_mb"] > 0 and run["train_cells"] == 2000 - 20 - 20  # 1% of each type calibrates, 1% of the rest validates
+
+
 def test_voting_scale_smoke_run(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "voting_scale.py"), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

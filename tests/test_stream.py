@@ -38,6 +38,20 @@ def test_streamed_cells_are_the_cells_in_memory_in_the_same_roles(base_dir):
     assert np.array_equal(in_memory.fit_rows, streamed.fit_rows)
 
 
+@pytest.mark.parametrize("layout", ["dense", "csc"])
+def test_streamed_cells_read_from_dense_and_csc_files_as_in_memory(layout, small_data, scimilarity_genes, tmp_path):
+    import scipy.sparse as sp
+
+    from scl.train.data import load_labelled
+
+    cells = ad.read_h5ad(small_data / "brain.h5ad")
+    cells.X = cells.X.toarray() if layout == "dense" else sp.csc_matrix(cells.X)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    in_memory, streamed = (load_labelled(str(tmp_path / "cells.h5ad"), scimilarity_genes, "cell_type", stream=s) for s in (False, True))
+    index = np.random.default_rng(0).permutation(len(in_memory))
+    assert np.array_equal(in_memory.x[index].toarray(), streamed.x[index].toarray())
+
+
 def test_batch_orders_cover_every_cell_once_a_pass_and_reads_give_each_process_its_share():
     import scipy.sparse as sp
 

@@ -49,9 +49,11 @@ def load_labelled(paths, gene_order, label_key: str, options: ReadOptions | None
         src = ExpressionSource(str(path), gene_order, options)
         try:
             parts.append(_labelled_file(src, label_key, stream))
-        finally:
-            if not stream:
-                src.close()
+        except BaseException:
+            src.close()
+            raise
+        if not stream:  # streamed cells keep their file open (FileRows)
+            src.close()
     return LabelledCells.concat(parts)
 
 

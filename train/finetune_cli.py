@@ -16,6 +16,11 @@ from .config import LOSSES, RECIPES, SCHEDULES, FinetuneConfig
   scl-train --base-model my_base --data demo_out/data/pbmc_train.h5ad --label-key cell_type \\
       --val-data demo_out/data/pbmc_heldout.h5ad --forgetting-data train/demo_data/brain_demo.h5ad --out my_run
 
+A reference larger than memory (cells read from the file a window at a time; an epoch of 200,000 cells):
+
+\b
+  scl-train --base-model my_base --data atlas.h5ad --out my_run --stream --epoch-cells 200000 --val-fraction 0.02
+
 Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
 
 \b

@@ -34,10 +34,11 @@ label_ints.csv) loads in scimilarity.CellEmbedding and in scl-train --base-model
 file's cells (--holdout) is kept out of training and named in pretrain.json: scl-train on the same
 file calibrates on exactly those, the only cells no stage has seen.
 
-Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU):
+Several processes (DistributedDataParallel: gloo on CPUs, NCCL with one process per GPU); --stream
+reads the cells from the files a window at a time instead of holding them in memory:
 
 \b
-  torchrun --standalone --nproc-per-node 2 -m scl.train.pretrain_cli --data a.h5ad --data b.h5ad --out my_base"""
+  torchrun --standalone --nproc-per-node 2 -m scl.train.pretrain_cli --data a.h5ad --data b.h5ad --out my_base --stream"""
 )
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled .h5ad file; repeat for several.")
 @click.option("--label-key", default="cell_type", show_default=True, help="obs column with the cell-type labels.")
