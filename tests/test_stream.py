@@ -125,3 +125,28 @@ def test_a_streamed_pretrain_holds_out_the_same_cells(base_dir, small_data, scim
     streamed, memory = (json.loads((d / "pretrain.json").read_text()) for d in (tmp_path / "base", base_dir))
     assert streamed["held_out"] == memory["held_out"] and streamed["config"]["stream"]
     assert all(np.isfinite(row["loss"]) for row in streamed["history"])
+
+
+def test_a_file_rewritten_during_a_streamed_run_is_refused_and_nothing_is_written(base_dir, small_data, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from scl.runtime.errors import SclError
+    from scl.train import finetune as finetune_module
+    from scl.train.config import FinetuneConfig
+
+    data = tmp_path / "train.h5ad"
+    shutil.copy(small_data / "train.h5ad", data)
+    trained = finetune_module.train_lora
+
+    def train_then_rewrite(*args, **kwargs):  # another program writes the file while scl-train reads it
+        result = trained(*args, **kwargs)
+        stat = os.stat(data)
+        os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        return result
+
+    monkeypatch.setattr(finetune_module, "train_lora", train_then_rewrite)
+    config = FinetuneConfig(base_model=str(base_dir), data=str(data), out=str(tmp_path / "run"), epochs=1, stream=True)
+    with pytest.raises(SclError, match="the file changed while training read it"):
+        finetune_module.finetune(config, progress=False)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("*.scl-tmp-*"))

@@ -81,6 +81,13 @@ def _labelled_file(src: ExpressionSource, label_key: str, stream: bool) -> Label
     return LabelledCells(sp.vstack(parts).tocsr(), file_labels[rows].astype(str), np.concatenate(ids).astype(str), [src.describe()], rows)
 
 
+def refuse_changed_files(*cells: LabelledCells) -> None:
+    """Before a run is written: one line if a file streamed cells came from was rewritten since it was opened."""
+    for part in cells:
+        if isinstance(part.x, FileRows):
+            part.x.refuse_changed_files()
+
+
 def gene_union(paths, options: ReadOptions | None = None) -> list[str]:
     """The sorted union of the files' gene symbols: a gene order for a model built from them."""
     genes: set[str] = set()

@@ -11,29 +11,34 @@ expression. Rows are read where they cluster in the file: cells less than GAP ro
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
 
+from scl.runtime.errors import SclError
 from scl.runtime.expression import ExpressionSource
 
 GAP = 64  # rows: cells this close are read in one span with those between them (one read beats several on HDF5 and disks)
 
 
 class FileRows:
-    def __init__(self, sources: list[ExpressionSource], source: np.ndarray, position: np.ndarray):
+    def __init__(self, sources: list[ExpressionSource], source: np.ndarray, position: np.ndarray, stamps: list[tuple[int, int]]):
         self.sources, self.source, self.position = sources, source, position
+        self.stamps = stamps  # each file's size and modification time when opened
 
     @staticmethod
     def of(src: ExpressionSource, positions: np.ndarray) -> "FileRows":
-        return FileRows([src], np.zeros(len(positions), np.int16), np.asarray(positions, np.int64))
+        return FileRows([src], np.zeros(len(positions), np.int16), np.asarray(positions, np.int64), [_stamp(src.path)])
 
     @staticmethod
     def concat(parts: list["FileRows"]) -> "FileRows":
-        sources, source = [], []
+        sources, source, stamps = [], [], []
         for part in parts:
             source.append(part.source + len(sources))
             sources += part.sources
-        return FileRows(sources, np.concatenate(source).astype(np.int16), np.concatenate([p.position for p in parts]))
+            stamps += part.stamps
+        return FileRows(sources, np.concatenate(source).astype(np.int16), np.concatenate([p.position for p in parts]), stamps)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,7 +47,7 @@ class FileRows:
     def __getitem__(self, index) -> "FileRows":
         if isinstance(index, tuple):
             raise TypeError("FileRows takes rows only: read them (tocsr()) before choosing genes")
-        return FileRows(self.sources, self.source[index], self.position[index])
+        return FileRows(self.sources, self.source[index], self.position[index], self.stamps)
 
     def toarray(self) -> np.ndarray:
         """The cells, read: float32 [cells, model genes], log1p(CP10k), in this object's order."""
@@ -66,9 +71,22 @@ class FileRows:
         back[np.concatenate(placed)] = np.arange(len(self.position))
         return rows[back]
 
+    def refuse_changed_files(self) -> None:
+        """One line if a file was rewritten since it was opened (size or modification time): the cells trained on
+        would no longer be the file's, nor its digest in the run's record."""
+        for src, stamp in zip(self.sources, self.stamps):
+            if _stamp(src.path) != stamp:
+                raise SclError(f"{src.path}: the file changed while training read it (--stream reads it to the end); nothing was written: "
+                               "train again on a file nothing writes to, or copy it first.")
+
     def close(self) -> None:
         for src in self.sources:
             src.close()
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def stack_rows(parts: list) -> sp.csr_matrix | FileRows:

@@ -30,7 +30,7 @@ from scl.runtime.expression import ReadOptions
 
 from .calibrate import ALPHAS, calibrate, cross_fitted, novel_share
 from .config import LOSSES, SCHEDULES, FinetuneConfig
-from .data import EVAL_BATCH, LabelledCells, BatchOrder, dense, embed, load_labelled, read_batches, steps_per_epoch, stream_block
+from .data import EVAL_BATCH, LabelledCells, BatchOrder, dense, embed, load_labelled, read_batches, refuse_changed_files, steps_per_epoch, stream_block
 from .device import autocast, resolve_device, seed_everything
 from .distributed import Processes, lost_peers, training_processes
 from .evaluate import LinearProbe, classification_metrics, knn_classifier, knn_transfer_accuracy, linear_probe, mean_cosine_drift
@@ -313,6 +313,7 @@ def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cell
         metrics["forgetting"], z_other, other = forgetting(config, base, merged, device)
         calibration_metrics["novel_share"]["forgetting_data"] = novelty_shares(head, calibration, centroids, z_other, other.x)
     tuned = SCimilarityModel(merged.cpu().eval(), base.decoder.cpu(), base.gene_order, classes)
+    refuse_changed_files(train, val, cells.calibration)  # streamed cells: still the files' (the run folder is not renamed in)
     write_run(out_dir, tuned, head, centroids, calibration, metrics)
     return metrics
 

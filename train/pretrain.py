@@ -14,7 +14,7 @@ from scl.runtime.expression import ReadOptions
 from scl.runtime.integrity import file_sha256
 
 from .config import PretrainConfig
-from .data import BatchOrder, LabelledCells, embed, read_batches, steps_per_epoch, stream_block, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
+from .data import BatchOrder, LabelledCells, embed, read_batches, refuse_changed_files, steps_per_epoch, stream_block, gene_union, load_labelled, refuse_tiny_classes, stratified_holdout
 from .device import autocast, resolve_device, seed_everything
 from .distributed import Processes, lost_peers, training_processes
 from .losses import semihard_triplet_loss
@@ -49,6 +49,7 @@ def write_base(model: SCimilarityModel, history: list[dict], cells: LabelledCell
     """The model folder and its pretrain.json, written under a temporary name and renamed: whole or not at all."""
     summary = {"config": config.to_dict(), "processes": processes.describe(), "history": history,
                "embedding_feature_std": embedding_spread(model.encoder, cells), "held_out": held_out}
+    refuse_changed_files(cells)
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(config.out) as tmp:
         save_model_dir(tmp, model)
