@@ -110,7 +110,7 @@ MUTANTS = [
      ["tests/test_head.py::test_the_head_weighs_each_population_s_known_markers"]),
     ("temperature not folded into the gene weights", "train/head.py", "self.gene_index, self.gene_weight * factor).eval()", "self.gene_index, self.gene_weight).eval()",
      ["tests/test_head.py::test_the_graph_computes_embedding_and_marker_gene_logits"]),
-    ("sparse logits without the genes", "train/head.py", "        logits += np.asarray(x[:, head.gene_index.numpy()] @ gene_weight.T)", "        pass",
+    ("sparse logits without the genes", "train/head.py", "            logits[i : i + LOGIT_BLOCK] += np.asarray(x[i : i + LOGIT_BLOCK].tocsr()[:, genes] @ gene_weight.T)", "            pass",
      ["tests/test_head.py::test_training_s_sparse_logits_equal_the_head_module"]),
     ("every block reads every id", "runtime/h5ad.py", "            yield self.ids(start, stop), rows", "            yield self.cell_ids[start:stop], rows",
      ["tests/test_readers.py::test_ids_whose_hashes_meet_are_compared_by_name"]),
@@ -129,6 +129,12 @@ MUTANTS = [
      "return index", ["tests/test_distributed.py"]),
     ("a run folder written in place", "train/finetune.py", "with atomic_folder(config.out) as out_dir:", "with __import__('contextlib').nullcontext(config.out) as out_dir:",
      ["tests/test_hardening.py::test_a_run_that_fails_after_training_leaves_no_run_folder_and_out_must_be_new"]),
+    ("streamed cells in file order, not the order asked", "train/file_rows.py", "        return rows[back]", "        return rows",
+     ["tests/test_stream.py::test_streamed_cells_are_the_cells_in_memory_in_the_same_roles"]),
+    ("a streamed file rewritten mid-run goes unnoticed", "train/file_rows.py", "            if _stamp(src.path) != stamp:", "            if False:",
+     ["tests/test_stream.py::test_a_file_rewritten_during_a_streamed_run_is_refused_and_nothing_is_written"]),
+    ("a process reads every cell of a window, not its share", "train/data.py", "    while group := [share(b) for b in", "    while group := [b for b in",
+     ["tests/test_stream.py::test_batch_orders_cover_every_cell_once_a_pass_and_reads_give_each_process_its_share"]),
 ]
 
 

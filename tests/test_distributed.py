@@ -37,10 +37,9 @@ def predictions(run_dir, cells_path):
     return torch.softmax(torch.from_numpy(head_logits(trained.head, z, cells.x)), dim=1).numpy()
 
 
-@pytest.fixture(scope="module")
-def one_and_two(base_dir, small_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    args = ("--base-model", base_dir, "--data", small_data / "train.h5ad", "--val-data", small_data / "val.h5ad", *SAME_RUN)
+def one_and_two_runs(base_dir, small_data, d, *extra):
+    """The same run (SAME_RUN and `extra`) on one process and on two under torchrun: (run one, run two, torchrun's stdout)."""
+    args = ("--base-model", base_dir, "--data", small_data / "train.h5ad", "--val-data", small_data / "val.h5ad", *SAME_RUN, *extra)
     code, _, stderr = run("scl-train", *args, "--out", d / "one")
     assert code == 0, stderr
     two = torchrun("scl.train.finetune_cli", *args, "--out", d / "two")
@@ -49,10 +48,9 @@ def one_and_two(base_dir, small_data, tmp_path_factory):
     return d / "one", d / "two", stdout
 
 
-def test_two_gloo_processes_write_one_run_that_annotates_like_one_process(one_and_two, small_data):
+def assert_the_runs_agree(one, two, stdout, small_data):
     import json
 
-    one, two, stdout = one_and_two
     assert stdout.count("trainable parameters:") == 1  # rank 0 reports; the other process says nothing
     metrics_one, metrics_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert metrics_one["processes"] == {"processes": 1, "backend": None}
@@ -66,6 +64,15 @@ def test_two_gloo_processes_write_one_run_that_annotates_like_one_process(one_an
     assert (p_one.argmax(axis=1) == p_two.argmax(axis=1)).all()
     assert np.abs(p_one - p_two).max() < 1e-3
     assert not [p for p in two.parent.iterdir() if ".scl-tmp-" in p.name]
+
+
+def test_two_gloo_processes_write_one_run_that_annotates_like_one_process(base_dir, small_data, tmp_path):
+    assert_the_runs_agree(*one_and_two_runs(base_dir, small_data, tmp_path), small_data)
+
+
+def test_two_processes_streaming_their_shares_train_like_one(base_dir, small_data, tmp_path):
+    """--stream: each process reads only its share of every batch from the file; the runs agree as in memory."""
+    assert_the_runs_agree(*one_and_two_runs(base_dir, small_data, tmp_path, "--stream"), small_data)
 
 
 def test_a_killed_process_ends_the_run_with_no_run_folder(base_dir, small_data, tmp_path):

@@ -33,7 +33,7 @@ def readme_commands() -> list[list[str]]:
 def test_the_readme_command_examples_run_as_written(exported, small_data, tmp_path):
     commands = readme_commands()
     assert [c[0] for c in commands] == ["scl-pretrain", "scl-train", "scl-export", "scl-export", "scl-annotate", "scl-annotate", "scl-annotate",
-                                        "scl-annotate", "scl-reference", "scl-annotate", "scl-reference"]
+                                        "scl-annotate", "scl-reference", "scl-annotate", "scl-reference", "scl-train"]
     (tmp_path / "demo_out" / "data").mkdir(parents=True)  # what `make demo` leaves, from the test data
     for name, target in (("model.onnx", exported), ("model.int8.onnx", exported.with_name("model.int8.onnx")),
                          ("data/pbmc_train.h5ad", small_data / "train.h5ad"), ("data/pbmc_heldout.h5ad", small_data / "val.h5ad")):
@@ -43,7 +43,7 @@ def test_the_readme_command_examples_run_as_written(exported, small_data, tmp_pa
     for words in commands:
         done = subprocess.run([str(BIN / words[0]), *words[1:], *QUICK.get(words[0], [])], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, (words, done.stderr[-2000:])
-    for written in ("my_base/encoder.ckpt", "my_run/report.md", "my_model.onnx", "my_model.int8.onnx", "my_base.onnx", "demo_out/data/pbmc_heldout.scl.h5ad",
+    for written in ("my_base/encoder.ckpt", "my_run/report.md", "my_streamed_run/report.md", "my_model.onnx", "my_model.int8.onnx", "my_base.onnx", "demo_out/data/pbmc_heldout.scl.h5ad",
                     "calls.csv", "sets.csv", "dask.csv", "pbmc.sclref/reference.json", "knn.csv", "hits.csv"):
         assert (tmp_path / written).is_file(), written
     assert "prediction_set" in (tmp_path / "sets.csv").read_text().split("\n")[0]
