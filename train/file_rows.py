@@ -5,8 +5,9 @@
     x[index].toarray()                   # read, checked and aligned: float32 log1p(CP10k) [cells, model genes]
 
 It stands in for the scipy CSR matrix of cells in memory where training uses one (`shape`, row indexing, `toarray`,
-`tocsr`), so the training code takes either; the values are those load_labelled holds in memory, bit for bit. A FileRows holds 10 bytes a cell (which file, which row), never the
-expression. Rows are read where they cluster in the file: cells less than GAP rows apart are read as one span.
+`tocsr`), so the training code takes either; the values are those load_labelled holds in memory, bit for bit. A
+FileRows holds 10 bytes a cell (which file, which row), never the expression. Rows are read where they cluster in the
+file: cells at most GAP rows apart are read as one span.
 """
 
 from __future__ import annotations
