@@ -1,15 +1,15 @@
 """scl-train with its cells in memory against `--stream` (cells left in the file, read a window at a time), at
 growing reference sizes: peak RSS, training cells/s, and how fast the streamed loader reads on its own.
 
-    python benchmarks/train_stream.py                         # 100k, 1M and 3M synthetic cells (about an hour; 17 GB of disk)
+    python benchmarks/train_stream.py                         # 100k, 1M and 3M synthetic cells (20 minutes here; 12 GB of disk)
     python benchmarks/train_stream.py --smoke                 # 2,000 cells and a tiny base, for the tests
 
 Writes benchmarks/results/<machine>-train-stream.json and .md. The base has SCimilarity's size (28,231 genes -> 1024
--> 1024 -> 128) with random weights; the cells are synthetic CSR counts (DETECTED genes each, 5 random labels, so the
-accuracy columns mean nothing). Every run is a whole scl-train: `--epochs 2 --epoch-cells 20000` (an epoch is 20,000
+-> 1024 -> 128) with random weights; the cells are synthetic CSR counts (DETECTED genes each, 5 random labels: nothing to
+learn, only to time). Every run is a whole scl-train: `--epochs 2 --epoch-cells 20000` (an epoch is 20,000
 training cells, so a run's training time does not grow with the reference), 1% of the cells validate and 1% calibrate,
 `--head-genes 0`. Training cells/s is the faster epoch's steps (metrics.json's history). Peak RSS is the scl-train
-process's (wait4). The loader row reads the streamed order's windows alone (train/data.py read_batches, no training)
+process's (wait4). The loader line reads the streamed order's windows alone (train/data.py read_batches, no training)
 for LOADER_SECONDS, with the page cache dropped first where this process may (root), on the largest file.
 The in-memory path is not run where it would need more than 80% of this machine's memory (IN_MEMORY_BYTES_A_CELL,
 as measured at 1M cells).
