@@ -277,12 +277,13 @@ def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cell
     model.encoder.save_pretrained(str(out_dir / "adapter"))  # before merging: the adapter in peft's format
     merged, checks, z_val = sanity_checks(model, base, val, device)
     fit = cells.fit_rows
-    z_fit = embed(merged, train.x[fit], device)
-    head, head_summary = shipped_head(model, z_fit, cells, config, base.gene_order)
+    x_fit = train.x[fit].tocsr() if config.head_genes else train.x[fit]  # the head reads genes: read once (streamed: from the file)
+    z_fit = embed(merged, x_fit, device)
+    head, head_summary = shipped_head(model, z_fit, x_fit, cells, config, base.gene_order)
     methods["lora"] = classification_metrics(y_val, softmax(head_logits(head, z_val, val.x)), classes) | embedding_metrics(z_val, y_val, val, base_decoder, config.margin, device)
     if config.head_genes:  # what the genes add, and what they do without the encoder
         methods["lora-embedding"] = classification_metrics(y_val, model.probabilities(z_val, device), classes)
-        genes_only = fit_head(np.zeros((len(train), 0), np.float32), train.x, y_train, len(classes), head.gene_index.numpy(), config.head_c, config.seed)
+        genes_only = fit_head(np.zeros((len(fit), 0), np.float32), x_fit, y_train[fit], len(classes), head.gene_index.numpy(), config.head_c, config.seed)
         methods["genes"] = classification_metrics(y_val, softmax(head_logits(genes_only, np.zeros((len(val), 0), np.float32), val.x)), classes)
     centroids = class_centroids(z_fit, y_train[fit], len(classes))
     calibration, calibration_metrics = calibrate_run(head, merged, centroids, cells, config, device)
@@ -318,13 +319,14 @@ def measure_and_write(out_dir: Path, results: dict, base: SCimilarityModel, cell
     return metrics
 
 
-def shipped_head(model: EncoderClassifier, z_fit: np.ndarray, cells: TrainingCells, config: FinetuneConfig, gene_order: list[str]) -> tuple[CellHead, dict]:
-    """The head scl-train writes: a logistic regression on the fine-tuned embedding (z_fit: of cells.fit_rows) and the
-    marker genes of the training cells (train/head.py), or with head_genes=0 the head LoRA trained on the embedding alone."""
+def shipped_head(model: EncoderClassifier, z_fit: np.ndarray, x_fit: sp.csr_matrix, cells: TrainingCells, config: FinetuneConfig,
+                 gene_order: list[str]) -> tuple[CellHead, dict]:
+    """The head scl-train writes: a logistic regression on the fine-tuned embedding and the marker genes of the training
+    cells of cells.fit_rows (z_fit, x_fit) (train/head.py), or with head_genes=0 the head LoRA trained on the embedding alone."""
     if not config.head_genes:
         return lora_trained_head(model.head), {"reads": "the embedding", "genes": 0, "trained": "with LoRA (the epoch validation chose)"}
     started = time.perf_counter()
-    x_fit, y_fit = cells.train.x[cells.fit_rows].tocsr(), cells.y_train[cells.fit_rows]  # streamed cells: read here, once
+    y_fit = cells.y_train[cells.fit_rows]
     genes = marker_genes(x_fit, y_fit, config.head_genes, config.seed)
     head = fit_head(z_fit, x_fit, y_fit, len(cells.classes), genes, config.head_c, config.seed)
     weights = head.gene_weight.detach().numpy()

@@ -142,6 +142,9 @@ def base_never_saw(base_model: str, path: str, cells: LabelledCells) -> np.ndarr
     return None
 
 
+KEY_BLOCK = 4096  # cells read at once by cell_keys
+
+
 def cell_keys(cells: LabelledCells, processes: Processes = Processes()) -> np.ndarray:
     """One 64-bit key per cell from its obs name and its expression: the same cell in any file that holds it, while
     cells that only share a name (10x barcodes repeat across samples) differ by their counts. Reads every cell once,
@@ -154,9 +157,6 @@ def cell_keys(cells: LabelledCells, processes: Processes = Processes()) -> np.nd
     fingerprint = np.ascontiguousarray(processes.split_work(len(cells), products), dtype=np.float64).view(np.uint64)
     names = np.fromiter((zlib.crc32(str(c).encode()) for c in cells.cell_ids), dtype=np.uint64, count=len(cells))
     return fingerprint ^ (names * np.uint64(0x9E3779B97F4A7C15))  # spread the 32-bit name hash over 64 bits
-
-
-KEY_BLOCK = 4096  # cells read at once by cell_keys
 
 
 def refuse_shared_cells(roles: list[tuple[str, LabelledCells, str]], processes: Processes = Processes()) -> None:
